@@ -1,0 +1,46 @@
+"""One error base and the closed set of reason codes shared by the CLI, logs and docs."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Reason(str, Enum):
+    """Why a file is (un)trusted. The values are a public contract: never rename one."""
+
+    OK = "ok"
+    NO_SIGNATURE = "no-signature"
+    BAD_SIGNATURE = "bad-signature"
+    UNTRUSTED_KEY = "untrusted-key"
+    UNTRUSTED_ROOT = "untrusted-root"
+    IDENTITY_MISMATCH = "identity-mismatch"
+    DIGEST_MISMATCH = "digest-mismatch"
+    MALFORMED_SIGNATURE = "malformed-signature"
+    CERTIFICATE_INVALID = "certificate-invalid"
+    TLOG_INVALID = "tlog-invalid"
+    UNSUPPORTED_SIGNATURE = "unsupported-signature"
+    NO_TRUST_CONFIGURED = "no-trust-configured"
+
+
+class ExecguardError(Exception):
+    """Base of every error execguard raises on purpose."""
+
+    def diagnostics(self) -> str:
+        return str(self)
+
+
+class InputError(ExecguardError):
+    """A file the operator named cannot be read or is not what it claims (exit code 2)."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+        self.problem = problem
+
+
+class MalformedInput(InputError):
+    """A file was read but its content is malformed (key, signature, bundle, ELF, policy…)."""
+
+
+class NotGoBinary(ExecguardError):
+    """The file has no Go build info (not Go, or Go with its build info removed)."""
