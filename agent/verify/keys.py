@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from typing import Any, List, Optional, Tuple, Union
+import os
+import stat
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -22,7 +24,8 @@ from agent.verify.model import TrustedKey
 
 PublicKey = Union[ec.EllipticCurvePublicKey, rsa.RSAPublicKey, ed25519.Ed25519PublicKey]
 
-_HASHES = {"sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA512}
+_HASHES: Dict[str, Callable[[], hashes.HashAlgorithm]] = {
+    "sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA512}
 MAX_KEY_FILE = 64 * 1024
 
 
@@ -61,12 +64,18 @@ def parse_public_key(data: bytes, source: str) -> TrustedKey:
 
 
 def load_public_key(path: str) -> TrustedKey:
-    try:
-        with open(path, "rb") as fh:
+    from agent.errors import InputError
+
+    try:  # O_NONBLOCK + regular-file check: a FIFO given as --key must not hang us
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as fh:
+            mode = os.fstat(fh.fileno()).st_mode
+            if stat.S_ISDIR(mode):
+                raise InputError(path, "is a directory, not a public key file")
+            if not stat.S_ISREG(mode):
+                raise InputError(path, "is not a regular file")
             data = fh.read(MAX_KEY_FILE + 1)
     except OSError as exc:
-        from agent.errors import InputError
-
         raise InputError(path, exc.strerror or str(exc)) from None
     return parse_public_key(data, path)
 

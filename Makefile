@@ -1,0 +1,44 @@
+# execguard: the README's two commands are `make run` and `make test` (as root).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXECGUARD := $(VENV)/bin/execguard
+RESULTS ?= test-results
+
+.PHONY: help setup setup-test run demo doctor test lint unit bench clean
+
+help:
+	@echo "make run     install what is missing, then run execguard (doctor + verification demo)"
+	@echo "make test    install what is missing (incl. test tools), lint, run the whole suite"
+	@echo "make bench   run the benchmarks in bench/ (figures go in docs/performance.md)"
+	@echo "make lint    ruff + mypy"
+	@echo "make clean   remove the venv and caches"
+
+setup:
+	@./scripts/setup.sh
+
+setup-test:
+	@WITH_TEST=1 ./scripts/setup.sh
+
+run: setup
+	@$(EXECGUARD) doctor || true
+	@./scripts/demo.sh $(EXECGUARD)
+
+doctor: setup
+	@$(EXECGUARD) doctor
+
+lint: setup-test
+	$(VENV)/bin/ruff check agent tests bench
+	$(VENV)/bin/mypy
+
+# pytest exits 5 when no test ran; make treats that as the failure it is.
+test: setup-test lint
+	@mkdir -p $(RESULTS)
+	$(VENV)/bin/pytest --junitxml=$(RESULTS)/junit.xml $(PYTEST_ARGS)
+
+bench: setup-test
+	$(PY) bench/hash_throughput.py
+	$(PY) bench/verify_cost.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(RESULTS) *.egg-info

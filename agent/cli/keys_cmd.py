@@ -1,0 +1,127 @@
+"""``execguard keygen`` and ``execguard sign``: cosign-compatible keys and ``.sig`` files."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import getpass
+import importlib
+import os
+import stat
+import sys
+from typing import Any
+
+from agent import signing
+from agent.digest import Artifact
+from agent.errors import ExecguardError, InputError
+
+EXIT_OK, EXIT_ERROR = 0, 2
+
+
+def add_parser(sub: Any) -> None:
+    k = sub.add_parser(
+        "keygen", help="generate a cosign-compatible key pair (PREFIX.key, PREFIX.pub)",
+        description="Write PREFIX.key (cosign 'ENCRYPTED SIGSTORE PRIVATE KEY', password "
+        "from COSIGN_PASSWORD or asked twice; empty is allowed) and PREFIX.pub (PEM).")
+    k.add_argument("--output-prefix", default="cosign", metavar="PATH")
+    k.add_argument("--algorithm", default="ecdsa-p256", choices=signing.ALGORITHMS)
+    k.add_argument("--no-password", action="store_true",
+                   help="write an unencrypted PKCS#8 PEM private key")
+    k.add_argument("--force", action="store_true", help="overwrite existing key files")
+    k.set_defaults(run=run_keygen)
+
+    s = sub.add_parser(
+        "sign", help="sign a file like 'cosign sign-blob --key' (writes FILE.sig)",
+        description="Write FILE.sig: base64 of the signature over FILE's bytes, as cosign "
+        "sign-blob --key does. Encrypted keys take their password from COSIGN_PASSWORD "
+        "or a prompt.")
+    s.add_argument("file", metavar="FILE")
+    s.add_argument("--key", required=True, metavar="PRIV", help="private key (cosign or PEM)")
+    s.add_argument("--output-signature", metavar="PATH", help="default FILE.sig")
+    s.add_argument("--bundle", nargs="?", const="", default=None, metavar="PATH",
+                   help="also write a managed-key Sigstore bundle (default FILE.sigstore.json)")
+    s.set_defaults(run=run_sign)
+
+
+def _err(verb: str, message: str) -> int:
+    print(f"execguard {verb}: error: {message}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def _new_password() -> bytes:
+    env = os.environ.get("COSIGN_PASSWORD")
+    if env is not None:
+        return env.encode()
+    first = getpass.getpass("Enter password for private key: ")
+    if getpass.getpass("Enter password for private key again: ") != first:
+        raise ExecguardError("passwords do not match")
+    return first.encode()
+
+
+def _password() -> bytes:
+    env = os.environ.get("COSIGN_PASSWORD")
+    if env is not None:
+        return env.encode()
+    return getpass.getpass("Enter password for private key: ").encode()
+
+
+def run_keygen(args: argparse.Namespace) -> int:
+    priv_path, pub_path = args.output_prefix + ".key", args.output_prefix + ".pub"
+    if not args.force:
+        for path in (priv_path, pub_path):
+            if os.path.lexists(path):
+                return _err("keygen", f"{path}: already exists (use --force to overwrite)")
+    try:
+        key = signing.generate(args.algorithm)
+        priv = (signing.plain_private_pem(key) if args.no_password
+                else signing.encrypt_private_key(key, _new_password()))
+        signing.write_file(priv_path, priv, 0o600, args.force)
+        signing.write_file(pub_path, signing.public_pem(key.public_key()), 0o644, args.force)
+    except FileExistsError as exc:
+        return _err("keygen", f"{exc.args[0]}: already exists (use --force to overwrite)")
+    except OSError as exc:
+        return _err("keygen", f"{exc.filename or args.output_prefix}: {exc.strerror or exc}")
+    except ExecguardError as exc:
+        return _err("keygen", str(exc))
+    print(f"Private key written to {priv_path}\nPublic key written to {pub_path}",
+          file=sys.stderr)
+    return EXIT_OK
+
+
+def _read_key(path: str) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                raise InputError(path, "is not a regular file")
+            return fh.read(signing.MAX_PRIVATE_KEY_FILE + 1)
+    except IsADirectoryError:
+        raise InputError(path, "is a directory, not a private key") from None
+    except OSError as exc:
+        raise InputError(path, exc.strerror or str(exc)) from None
+
+
+def run_sign(args: argparse.Namespace) -> int:
+    sig_path = args.output_signature or args.file + ".sig"
+    bundle_path = None if args.bundle is None else (args.bundle or args.file + ".sigstore.json")
+    try:
+        key = signing.load_private_key(_read_key(args.key), args.key, _password)
+        with Artifact.open(args.file) as artifact:
+            raw = signing.sign_artifact(key, artifact)
+            bundle = None
+            if bundle_path is not None:
+                builder = importlib.import_module("agent.verify.bundle").build_key_bundle
+                bundle = builder(artifact.sha256, raw, key.public_key())
+        signing.write_file(sig_path, base64.b64encode(raw), 0o644, force=True)
+        if bundle is not None and bundle_path is not None:
+            signing.write_file(bundle_path, bundle, 0o644, force=True)
+    except ExecguardError as exc:
+        return _err("sign", str(exc))
+    except ImportError:
+        return _err("sign", "--bundle needs the bundle module, missing from this build")
+    except OSError as exc:
+        return _err("sign", f"{exc.filename or sig_path}: {exc.strerror or exc}")
+    print(f"Signature written to {sig_path}", file=sys.stderr)
+    if bundle_path is not None:
+        print(f"Bundle written to {bundle_path}", file=sys.stderr)
+    return EXIT_OK

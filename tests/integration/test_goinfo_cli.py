@@ -1,0 +1,113 @@
+"""``execguard goinfo FILE [--json]`` end to end: output, JSON shape and exit codes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, Tuple
+
+import pytest
+
+from agent.cli import main
+
+try:
+    from tests import goinfo_fixtures as fx
+    from tests import goinfo_synth as synth
+    from tests.goinfo_fixtures import go_bins_fixture  # noqa: F401  (session fixture)
+except ImportError:  # pytest put tests/integration, not the repo root, on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from tests import goinfo_fixtures as fx
+    from tests import goinfo_synth as synth
+    from tests.goinfo_fixtures import go_bins_fixture  # noqa: F401
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def cli(*args: str) -> Tuple[int, bytes, str]:
+    """Run the real console entry point in a child process: (exit code, stdout, stderr)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent", "goinfo", *args], cwd=REPO, capture_output=True, timeout=60
+    )
+    return proc.returncode, proc.stdout, proc.stderr.decode()
+
+
+def cli_json(*args: str) -> Tuple[int, Dict[str, Any]]:
+    rc, out, err = cli(*args, "--json")
+    assert err == ""
+    return rc, json.loads(out)
+
+
+@pytest.mark.slow
+def test_go_binary_prints_like_go_version_m(go_bins: Dict[str, Path]) -> None:
+    path = go_bins["withdep"]
+    rc, out, err = cli(str(path))
+    assert (rc, err) == (0, "")
+    assert out.decode() == fx.go_version_m(path)[0]
+
+
+@pytest.mark.slow
+def test_go_binary_json(go_bins: Dict[str, Path]) -> None:
+    rc, doc = cli_json(str(go_bins["vcs-dirty"]))
+    assert rc == 0
+    assert list(doc) == ["is_go", "go_version", "path", "main", "deps", "settings"]
+    assert doc["is_go"] is True and doc["go_version"] == "go1.19.8"
+    assert doc["main"]["path"] == "example.com/hello" and doc["main"]["version"] == "(devel)"
+    assert doc["settings"]["vcs.modified"] == "true" and doc["settings"]["GOOS"] == "linux"
+
+
+def test_not_go_exits_1(tmp_path: Path) -> None:
+    text, empty, elf = tmp_path / "script.sh", tmp_path / "empty", tmp_path / "c-prog"
+    text.write_text("#!/bin/sh\necho hi\n")
+    empty.write_bytes(b"")
+    shutil.copy("/bin/true", elf)
+    for path in (text, empty, elf):
+        rc, doc = cli_json(str(path))
+        assert rc == 1
+        assert (
+            doc["is_go"] is False
+            and doc["file"] == str(path)
+            and "no Go build info" in (doc["detail"])
+        )
+        rc, out, err = cli(str(path))
+        assert (rc, err) == (1, "") and out.decode().startswith(f"{path}: ")
+
+
+def test_directory_missing_and_malformed_exit_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    bad.write_bytes(synth.simple_image(synth.inline_blob(b"go1.22.3", b"\x01garbage")))
+    missing = tmp_path / "missing"
+    cases = [(tmp_path, "is a directory"), (missing, "No such file"), (bad, "framing is broken")]
+    for path, problem in cases:
+        rc, doc = cli_json(str(path))
+        assert rc == 2 and list(doc) == ["error"]
+        assert str(path) in doc["error"] and problem in doc["error"]
+        rc, out, err = cli(str(path))
+        assert rc == 2 and out == b""
+        assert str(path) in err and problem in err
+
+
+def test_raw_bytes_printed_unchanged(tmp_path: Path) -> None:
+    path = tmp_path / "odd"
+    mod = synth.frame(b"path\tex.com/\xff\xfe\nbuild\tk=caf\xc3\xa9\n")
+    path.write_bytes(synth.simple_image(synth.inline_blob(b"go1.22.3", mod)))
+    path.chmod(0o755)
+    rc, out, _ = cli(str(path))
+    assert rc == 0
+    assert (
+        out == f"{path}: go1.22.3\n\tpath\tex.com/".encode() + b"\xff\xfe\n\tbuild\tk=caf\xc3\xa9\n"
+    )
+    assert out == fx.go_version_m(path)[0].encode("utf-8", "surrogateescape")
+    rc, doc = cli_json(str(path))
+    assert rc == 0 and doc["settings"] == {"k": "café"}
+
+
+def test_in_process_main(tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    path = tmp_path / "p"
+    path.write_bytes(synth.simple_image(synth.inline_blob(b"go1.22.3", b"")))
+    assert main(["goinfo", str(path)]) == 0
+    assert capsysbinary.readouterr().out == f"{path}: go1.22.3\n".encode()
+    assert main(["goinfo", "--json", str(tmp_path)]) == 2
+    assert json.loads(capsysbinary.readouterr().out)["error"].endswith("is a directory, not a file")
