@@ -57,6 +57,37 @@ else
     log "no apt-get or dnf: install python3 (>= 3.9), bcc's python bindings and auditd by hand"
 fi
 
+# BCC compiles against kernel headers. Where the running kernel has none (a custom kernel,
+# as on our Firecracker VMs), fall back to the distro's newest headers and say so loudly:
+# struct offsets then come from another kernel, which the agent's identity self-test checks.
+ensure_kernel_headers() {
+    local kver arch hdr common
+    kver=$(uname -r)
+    [ -e "/lib/modules/$kver/build/Makefile" ] && return 0
+    command -v apt-get >/dev/null || { log "no kernel headers for $kver: install kernel-devel-$kver"; return 0; }
+    if apt-cache show "linux-headers-$kver" >/dev/null 2>&1; then
+        apt-get install -y -qq --no-install-recommends "linux-headers-$kver"
+        return 0
+    fi
+    arch=$(dpkg --print-architecture)
+    dpkg-query -W -f='${Status}' "linux-headers-$arch" 2>/dev/null | grep -q "install ok installed" \
+        || apt-get install -y -qq --no-install-recommends "linux-headers-$arch"
+    hdr=$(ls -d /usr/src/linux-headers-*-"$arch" 2>/dev/null | sort -V | tail -n 1)
+    common=${hdr%-"$arch"}-common
+    if [ -z "$hdr" ] || [ ! -d "$common" ]; then
+        log "WARNING: no kernel headers for $kver and none could be installed; BCC cannot compile"
+        return 0
+    fi
+    mkdir -p "/lib/modules/$kver"
+    ln -sfn "$hdr" "/lib/modules/$kver/build"
+    ln -sfn "$common" "/lib/modules/$kver/source"
+    log "WARNING: no kernel headers exist for the running kernel $kver."
+    log "WARNING: linked $hdr (+ -common) as its build tree so that BCC compiles;"
+    log "WARNING: struct offsets come from that kernel: the agent's identity self-test guards this."
+}
+
+ensure_kernel_headers
+
 stamp="$VENV/.execguard-setup"
 want="$(cat pyproject.toml | sha256sum | cut -c1-16)-test$WITH_TEST"
 if [ ! -x "$VENV/bin/python" ]; then

@@ -186,6 +186,6 @@ class Image:
 TEXT = Seg(RX, 0x400000, b"\x90" * 64)
 
 
-def simple_image(blob: bytes, bits: int = 64, big_endian: bool = False, **kw: object) -> bytes:
+def simple_image(blob: bytes, bits: int = 64, big_endian: bool = False) -> bytes:
     """A text segment plus one RW segment at 0x500000 that starts with ``blob``."""
-    return Image([TEXT, Seg(RW, 0x500000, blob + b"\0" * 64)], bits, big_endian, **kw).build()
+    return Image([TEXT, Seg(RW, 0x500000, blob + b"\0" * 64)], bits, big_endian).build()

@@ -37,6 +37,13 @@ def _module(cols: List[str], line: int) -> Module:
     return Module(cols[0], cols[1], cols[2] if len(cols) == 3 else "")
 
 
+def _char_literal(ch: str) -> str:
+    """Go's %q of one byte: a character literal for the rune with that byte's value."""
+    code = gostr.encode(ch)[0]
+    body = "\\'" if ch == "'" else gostr.quote(chr(code))[1:-1].replace('\\"', '"')
+    return f"'{body}'"
+
+
 def _setting(kv: str, line: int) -> Tuple[str, str]:
     if not kv:
         raise ModinfoError(line, "build line missing '='")
@@ -50,7 +57,8 @@ def _setting(kv: str, line: int) -> Tuple[str, str]:
         if len(raw_key) == len(kv):
             raise ModinfoError(line, "build line missing '=' after quoted key")
         if kv[len(raw_key)] != "=":
-            raise ModinfoError(line, "unexpected character after quoted key")
+            char = _char_literal(kv[len(raw_key)])
+            raise ModinfoError(line, f"unexpected character after quoted key: {char}")
         key = gostr.unquote(raw_key)
         raw_value = kv[len(raw_key) + 1 :]
     else:

@@ -16,7 +16,7 @@ from agent.cli import main
 try:
     from tests import goinfo_fixtures as fx
     from tests import goinfo_synth as synth
-    from tests.goinfo_fixtures import go_bins_fixture  # noqa: F401  (session fixture)
+    from tests.goinfo_fixtures import go_bins_fixture
 except ImportError:  # pytest put tests/integration, not the repo root, on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from tests import goinfo_fixtures as fx

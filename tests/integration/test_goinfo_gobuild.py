@@ -18,7 +18,7 @@ from agent.goinfo import BuildInfo, Module, read_buildinfo
 
 try:
     from tests import goinfo_fixtures as fx
-    from tests.goinfo_fixtures import go_bins_fixture  # noqa: F401  (session fixture)
+    from tests.goinfo_fixtures import go_bins_fixture
 except ImportError:  # pytest put tests/integration, not the repo root, on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from tests import goinfo_fixtures as fx
