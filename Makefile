@@ -39,6 +39,7 @@ test: setup-test lint
 bench: setup-test
 	$(PY) bench/hash_throughput.py
 	$(PY) bench/verify_cost.py
+	$(PY) bench/bundle_verify.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(RESULTS) *.egg-info

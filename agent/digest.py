@@ -32,7 +32,8 @@ def hash_fd(fd: int, algorithm: str = "sha256", expect_size: int | None = None) 
         h.update(view[:n])
         offset += n
     if expect_size is not None and offset != expect_size:
-        raise ValueError(f"file changed while hashing ({offset} bytes read, {expect_size} expected)")
+        raise ValueError(
+            f"file changed while hashing ({offset} bytes read, {expect_size} expected)")
     return h.digest()
 
 

@@ -21,32 +21,47 @@ MAX_MODINFO = 16 << 20
 FLAG_BIG_ENDIAN, FLAG_INLINE = 1, 2
 
 
-def _scan(elf: Elf, seg: Segment, start: int) -> int | None:
-    """First absolutely 16-aligned magic at or after ``start`` in ``seg`` with 32 bytes left.
+class _Scanner:
+    """Searches segments for the blob, with one work budget shared by all the segments.
 
-    Reads the segment's file bytes in 1 MiB windows; never more than one window at a time.
+    The budget matters because program headers may overlap: thousands of RW segments that
+    each cover the whole file must not turn into thousands of full-file scans.
     """
-    end = elf.file_end(seg)
-    pos = max(start, seg.vaddr)
-    misaligned = 0
-    while pos < end:
-        window = min(CHUNK + len(MAGIC) - 1, end - pos)
-        data = elf.read_va(seg, pos, window, "a writable segment")
-        i = data.find(MAGIC)
-        while 0 <= i < CHUNK:
-            addr = pos + i
-            if addr % ALIGN == 0:
-                if end - addr < HEADER_SIZE:
+
+    def __init__(self, elf: Elf) -> None:
+        self.elf = elf
+        self.budget = 2 * elf.src.size + CHUNK  # the section's segment may be scanned twice
+        self.misaligned = 0
+
+    def scan(self, seg: Segment, start: int) -> int | None:
+        """First absolutely 16-aligned magic at or after ``start`` in ``seg``, 32 bytes left.
+
+        Reads the segment's file bytes in 1 MiB windows, never more than one at a time.
+        """
+        elf = self.elf
+        end = elf.file_end(seg)
+        pos = max(start, seg.vaddr)
+        while pos < end:
+            window = min(CHUNK + len(MAGIC) - 1, end - pos)
+            self.budget -= window
+            if self.budget < 0:
+                raise MalformedInput(elf.src.path, "overlapping segments: scan budget exhausted")
+            data = elf.read_va(seg, pos, window, "a writable segment")
+            i = data.find(MAGIC)
+            while 0 <= i < CHUNK:
+                addr = pos + i
+                if addr % ALIGN == 0:
+                    if end - addr >= HEADER_SIZE:
+                        return addr
                     if elf.clipped(seg):
-                        raise MalformedInput(elf.src.path, "truncated inside the build-info header")
+                        raise MalformedInput(elf.src.path, "truncated inside build-info header")
                     return None  # Go too stops at the first aligned hit
-                return addr
-            misaligned += 1
-            if misaligned > MAX_MISALIGNED:
-                raise MalformedInput(elf.src.path, "too many misaligned build-info magic strings")
-            i = data.find(MAGIC, i + 1)
-        pos += CHUNK
-    return None
+                self.misaligned += 1
+                if self.misaligned > MAX_MISALIGNED:
+                    raise MalformedInput(elf.src.path, "too many misaligned build-info magics")
+                i = data.find(MAGIC, i + 1)
+            pos += CHUNK
+        return None
 
 
 def _locate(elf: Elf) -> Tuple[Segment, int]:
@@ -59,13 +74,14 @@ def _locate(elf: Elf) -> Tuple[Segment, int]:
     # Then, unlike Go (first RW segment only, and only without the section), every RW
     # segment: an internally linked PIE keeps the blob in its second RW segment.
     candidates += [(s, s.vaddr) for s in elf.segments if s.writable_data]
+    scanner = _Scanner(elf)
     for seg, begin in candidates:
-        addr = _scan(elf, seg, begin)
+        addr = scanner.scan(seg, begin)
         if addr is not None:
             return seg, addr
     if any(elf.clipped(s) for s, _ in candidates):
         raise MalformedInput(elf.src.path, "truncated: no Go build info in the part present")
-    raise NoGoBuildInfo(elf.src.path, "no Go build info (no .go.buildinfo magic in the file)")
+    raise NoGoBuildInfo(elf.src.path, "no Go build info (no magic in its writable segments)")
 
 
 def _uvarint(elf: Elf, seg: Segment, addr: int, what: str) -> Tuple[int, int]:

@@ -144,6 +144,12 @@ def verify_sig(artifact: Artifact, data: bytes, source: str, trust: TrustConfig)
                             unproven)
     candidates: List[TrustedKey] = [k for k in trust.keys
                                     if could_have_signed(shape, k.public_key)]
+    if not candidates and shape.family != "ecdsa" and shape.raw[:1] == b"\x30":
+        # 64/256/384/512 bytes starting like DER and failing to parse as DER: far likelier a
+        # cut ECDSA signature than an Ed25519/RSA one, when no such key is trusted anyway.
+        return Verdict.fail(Reason.MALFORMED_SIGNATURE,
+                            f"truncated or invalid DER signature ({len(shape.raw)} bytes)",
+                            unproven)
     if not candidates:
         return Verdict.fail(Reason.UNTRUSTED_KEY,
                             f"{shape.describe()}, and no trusted key ({len(trust.keys)}) "

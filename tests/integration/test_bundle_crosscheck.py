@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +18,7 @@ from agent.errors import Reason
 from agent.verify.bundle import build_key_bundle
 from agent.verify.keys import parse_public_key
 from agent.verify.model import TrustConfig
-
-try:
-    from tests.bundle_fixtures import JS_DIR, Generated, generated, verify_file
-except ImportError:  # pytest put tests/integration, not the repo root, on sys.path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from tests.bundle_fixtures import JS_DIR, Generated, generated, verify_file
+from tests.bundle_fixtures import JS_DIR, Generated, generated, verify_file
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,26 +13,14 @@ import pytest
 
 from agent.errors import Reason
 from agent.verify.model import IdentityRule, SignatureKind
-
-try:
-    from tests.bundle_fixtures import (
-        Generated,
-        dumps,
-        generated,
-        to_legacy,
-        to_legacy_keyed,
-        verify_file,
-    )
-except ImportError:  # pytest put tests/integration, not the repo root, on sys.path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from tests.bundle_fixtures import (
-        Generated,
-        dumps,
-        generated,
-        to_legacy,
-        to_legacy_keyed,
-        verify_file,
-    )
+from tests.bundle_fixtures import (
+    Generated,
+    dumps,
+    generated,
+    to_legacy,
+    to_legacy_keyed,
+    verify_file,
+)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import sys
-from pathlib import Path
 from typing import Any, Dict
 
 import pytest
@@ -16,12 +15,7 @@ from agent.verify.bundle import verify_bundle
 from agent.verify.model import IdentityRule, SignatureKind
 from agent.verify.tlog import parse_bundle_entry, verify_entry
 from agent.verify.trusted_root import parse_trusted_root
-
-try:
-    from tests.bundle_fixtures import DELETE, Generated, dumps, edited, generated, verify_file
-except ImportError:  # pytest put tests/integration, not the repo root, on sys.path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from tests.bundle_fixtures import DELETE, Generated, dumps, edited, generated, verify_file
+from tests.bundle_fixtures import DELETE, Generated, dumps, edited, generated, verify_file
 
 KEYLESS = ["keyless-v0.1.json", "keyless-v0.1-set-only.json", "keyless-v0.2.json",
            "keyless-v0.2-pem-oneline.json", "keyless-v0.3.json"]

@@ -16,11 +16,7 @@ from typing import Any, Dict, List
 
 import pytest
 
-try:
-    from tests import keymaterial as km
-except ImportError:  # pytest put tests/integration, not the repo root, on sys.path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from tests import keymaterial as km
+from tests import keymaterial as km
 
 ENTRY = [sys.executable, "-m", "agent"]  # the installed package's real entry point
 

@@ -12,16 +12,8 @@ from typing import Any, Dict, Tuple
 import pytest
 
 from agent.cli import main
-
-try:
-    from tests import goinfo_fixtures as fx
-    from tests import goinfo_synth as synth
-    from tests.goinfo_fixtures import go_bins_fixture
-except ImportError:  # pytest put tests/integration, not the repo root, on sys.path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from tests import goinfo_fixtures as fx
-    from tests import goinfo_synth as synth
-    from tests.goinfo_fixtures import go_bins_fixture  # noqa: F401
+from tests import goinfo_fixtures as fx
+from tests import goinfo_synth as synth
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -15,14 +14,7 @@ import pytest
 from agent.digest import Artifact
 from agent.errors import MalformedInput
 from agent.goinfo import BuildInfo, Module, read_buildinfo
-
-try:
-    from tests import goinfo_fixtures as fx
-    from tests.goinfo_fixtures import go_bins_fixture
-except ImportError:  # pytest put tests/integration, not the repo root, on sys.path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from tests import goinfo_fixtures as fx
-    from tests.goinfo_fixtures import go_bins_fixture  # noqa: F401
+from tests import goinfo_fixtures as fx
 
 pytestmark = pytest.mark.slow
 Bins = Dict[str, Path]

@@ -4,7 +4,6 @@ and esbuild npm releases built with go1.15/go1.17 (the pre-1.18 pointer format).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Dict
 
@@ -12,14 +11,7 @@ import pytest
 
 from agent.digest import Artifact
 from agent.goinfo import BuildInfo, read_buildinfo
-
-try:
-    from tests import goinfo_fixtures as fx
-    from tests.goinfo_fixtures import debian_bins_fixture, esbuild_bins_fixture
-except ImportError:  # pytest put tests/integration, not the repo root, on sys.path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from tests import goinfo_fixtures as fx
-    from tests.goinfo_fixtures import debian_bins_fixture, esbuild_bins_fixture  # noqa: F401
+from tests import goinfo_fixtures as fx
 
 pytestmark = pytest.mark.slow
 Bins = Dict[str, Path]

@@ -4,21 +4,14 @@ what the reference ``go version -m`` prints for the same file (or the error it r
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
 from agent.errors import MalformedInput
 from agent.goinfo import parse_bytes
-
-try:
-    from tests import goinfo_fixtures as fx
-    from tests import goinfo_synth as synth
-except ImportError:  # pytest put tests/integration, not the repo root, on sys.path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from tests import goinfo_fixtures as fx
-    from tests import goinfo_synth as synth
+from tests import goinfo_fixtures as fx
+from tests import goinfo_synth as synth
 
 GOOD = {
     "quoting": b'build\t"a b"="x\\ty"\nbuild\t`k\\`=`v\r"w`\nbuild\t"k=1"=\nbuild\t""=v\n',

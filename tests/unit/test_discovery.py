@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import os
-import sys
 from pathlib import Path
 from typing import Dict, Iterator
 
@@ -16,12 +15,7 @@ from agent.digest import Artifact
 from agent.errors import InputError, Reason
 from agent.verify import discovery, keys, verify_artifact
 from agent.verify.model import Evidence, SignatureKind, TrustConfig, Verdict
-
-try:
-    from tests import keymaterial as km
-except ImportError:  # pytest put tests/unit, not the repo root, on sys.path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from tests import keymaterial as km
+from tests import keymaterial as km
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ research/go_buildinfo.md section 9. Each hostile case must fail with a specific 
 from __future__ import annotations
 
 import os
-import sys
 import time
 import tracemalloc
 from pathlib import Path
@@ -15,18 +14,14 @@ import pytest
 from agent.digest import Artifact
 from agent.errors import MalformedInput, NotGoBinary
 from agent.goinfo import BuildInfo, NoGoBuildInfo, parse_bytes, read_buildinfo
-
-try:
-    from tests import goinfo_synth as s
-except ImportError:  # pytest put tests/unit, not the repo root, on sys.path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from tests import goinfo_synth as s
+from tests import goinfo_synth as s
 
 MOD = s.frame(
     b"path\texample.com/x\nmod\texample.com/x\t(devel)\t\ndep\tgolang.org/x/sys\tv0.1.0\th1:a=\n"
     b"build\tGOOS=linux\n"
 )
 V = b"go1.22.3"
+pytestmark = pytest.mark.timeout(60)  # a hang in the parser fails the module, not CI
 FAST = 2.0  # seconds: every hostile case must be answered well within this
 
 
@@ -157,7 +152,7 @@ def test_filesz_beyond_eof_is_clipped() -> None:
 def test_truncated_images() -> None:
     full = s.simple_image(s.inline_blob(V, MOD))
     blob_at = full.index(s.MAGIC)
-    malformed(full[: blob_at + 20], "truncated inside the build-info header")
+    malformed(full[: blob_at + 20], "truncated inside build-info header")
     malformed(full[: blob_at + 40], "truncated|exceeds")
     malformed(full[:blob_at], "truncated: no Go build info")
 
@@ -298,3 +293,22 @@ def test_read_buildinfo_on_artifact(tmp_path: Path) -> None:
     path.write_bytes(s.simple_image(s.inline_blob(V, MOD)))
     with Artifact.open(str(path)) as art:
         assert read_buildinfo(art).path == "example.com/x"
+
+
+def test_overlapping_segments_share_one_scan_budget() -> None:
+    # 4000 RW program headers that all cover the same 1 MiB: one scan, not 4000.
+    payload = b"\0" * (1 << 20)
+    segs = [s.Seg(s.RW, 0x500000, payload)] + [
+        s.Seg(s.RW, 0x500000, b"", filesz=len(payload)) for _ in range(3999)
+    ]
+    img = bytearray(s.Image(segs).build())
+    first_offset = int.from_bytes(img[64 + 8 : 64 + 16], "little")
+    for i in range(1, 4000):  # point every header at the first segment's bytes
+        img[64 + i * 56 + 8 : 64 + i * 56 + 16] = first_offset.to_bytes(8, "little")
+    malformed(bytes(img), "scan budget exhausted")
+
+
+def test_misaligned_budget_is_shared_across_segments() -> None:
+    noisy = (b"\0" + s.MAGIC + b"\0").ljust(16, b"\0") * 3000
+    segs = [s.Seg(s.RW, 0x500000 + i * 0x100000, noisy) for i in range(3)]
+    malformed(s.Image([s.TEXT, *segs]).build(), "too many misaligned")

@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
 from agent.goinfo import gostr
 from agent.goinfo.model import BuildInfo, Module
 from agent.goinfo.modinfo import MAX_LINES, ModinfoError, parse_modinfo, unframe
-
-try:
-    from tests import goinfo_synth as synth
-except ImportError:  # pytest put tests/unit, not the repo root, on sys.path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from tests import goinfo_synth as synth
+from tests import goinfo_synth as synth
 
 REAL_1_19 = (
     b"path\texample.com/withdep\n"

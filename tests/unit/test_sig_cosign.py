@@ -4,7 +4,6 @@ with the right reason, and nothing raises for bad signature bytes."""
 from __future__ import annotations
 
 import base64
-import sys
 from pathlib import Path
 from typing import Dict
 
@@ -17,12 +16,7 @@ from agent.errors import MalformedInput, Reason
 from agent.verify import keys
 from agent.verify.cosign_sig import classify, decode_signature, verify_sig
 from agent.verify.model import SignatureKind, TrustConfig
-
-try:
-    from tests import keymaterial as km
-except ImportError:  # pytest put tests/unit, not the repo root, on sys.path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from tests import keymaterial as km
+from tests import keymaterial as km
 
 
 @pytest.fixture(scope="module")
@@ -141,8 +135,10 @@ def test_malformed_signatures(keyset: Dict[str, km.KeyFiles], blob: Path, data: 
 def test_truncated_real_signature_is_malformed(keyset: Dict[str, km.KeyFiles],
                                                blob: Path) -> None:
     raw = km.openssl_sign(keyset["ecdsa-p256"], blob)
-    v = check(blob, base64.b64encode(raw[:-5]), trust_of(keyset["ecdsa-p256"]))
-    assert v.reason is Reason.MALFORMED_SIGNATURE
+    # every cut, including the one that leaves 64 bytes (the length of an Ed25519 signature)
+    for cut in range(1, len(raw) - 8):
+        v = check(blob, base64.b64encode(raw[:-cut]), trust_of(keyset["ecdsa-p256"]))
+        assert v.reason is Reason.MALFORMED_SIGNATURE, (cut, v.detail)
 
 
 def test_no_keys_is_no_trust_configured(keyset: Dict[str, km.KeyFiles], blob: Path) -> None:

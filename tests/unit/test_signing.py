@@ -7,7 +7,6 @@ import base64
 import json
 import os
 import stat
-import sys
 from pathlib import Path
 from typing import Dict
 
@@ -18,12 +17,7 @@ from agent import signing
 from agent.digest import Artifact
 from agent.errors import MalformedInput
 from agent.verify import keys
-
-try:
-    from tests import keymaterial as km
-except ImportError:  # pytest put tests/unit, not the repo root, on sys.path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from tests import keymaterial as km
+from tests import keymaterial as km
 
 
 @pytest.fixture(scope="module")
