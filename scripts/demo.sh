@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # A verification demo in a private temp dir: make a key, sign a binary, verify it, tamper, verify.
 set -euo pipefail
-EG=${1:-execguard}
+EG=$(command -v "${1:-execguard}" || true)
+[ -n "$EG" ] || { echo "demo: execguard not found" >&2; exit 2; }
+EG=$(readlink -f "$EG")
 work=$(mktemp -d /tmp/execguard-demo.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 cd "$work"

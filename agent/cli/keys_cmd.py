@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import base64
 import getpass
-import importlib
 import os
 import stat
 import sys
@@ -14,6 +13,8 @@ from typing import Any
 from agent import signing
 from agent.digest import Artifact
 from agent.errors import ExecguardError, InputError
+from agent.verify import keys
+from agent.verify.bundle import build_key_bundle
 
 EXIT_OK, EXIT_ERROR = 0, 2
 
@@ -102,26 +103,22 @@ def _read_key(path: str) -> bytes:
 
 
 def run_sign(args: argparse.Namespace) -> int:
-    sig_path = args.output_signature or args.file + ".sig"
     bundle_path = None if args.bundle is None else (args.bundle or args.file + ".sigstore.json")
+    out_path = bundle_path or args.output_signature or args.file + ".sig"
     try:
         key = signing.load_private_key(_read_key(args.key), args.key, _password)
         with Artifact.open(args.file) as artifact:
             raw = signing.sign_artifact(key, artifact)
-            bundle = None
-            if bundle_path is not None:
-                builder = importlib.import_module("agent.verify.bundle").build_key_bundle
-                bundle = builder(artifact.sha256, raw, key.public_key())
-        signing.write_file(sig_path, base64.b64encode(raw), 0o644, force=True)
-        if bundle is not None and bundle_path is not None:
-            signing.write_file(bundle_path, bundle, 0o644, force=True)
+            if bundle_path is None:
+                output = base64.b64encode(raw)
+            else:  # the bundle records the digest the signature was made over
+                hash_name = keys.candidate_hashes(key.public_key())[0] or "sha256"
+                output = build_key_bundle(artifact.digest(hash_name), raw, key.public_key(),
+                                          hash_name)
+        signing.write_file(out_path, output, 0o644, force=True)
     except ExecguardError as exc:
         return _err("sign", str(exc))
-    except ImportError:
-        return _err("sign", "--bundle needs the bundle module, missing from this build")
     except OSError as exc:
-        return _err("sign", f"{exc.filename or sig_path}: {exc.strerror or exc}")
-    print(f"Signature written to {sig_path}", file=sys.stderr)
-    if bundle_path is not None:
-        print(f"Bundle written to {bundle_path}", file=sys.stderr)
+        return _err("sign", f"{exc.filename or out_path}: {exc.strerror or exc}")
+    print(f"{'Bundle' if bundle_path else 'Signature'} written to {out_path}", file=sys.stderr)
     return EXIT_OK

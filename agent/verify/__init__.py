@@ -7,13 +7,13 @@ itself (or on a signature file the caller named explicitly) propagates as ``Inpu
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 from typing import List
 
 from agent.digest import Artifact
 from agent.errors import InputError, Reason
 from agent.verify import discovery
+from agent.verify.bundle import verify_bundle
 from agent.verify.cosign_sig import verify_sig
 from agent.verify.discovery import MAX_SIGNATURE_FILE, Candidate
 from agent.verify.model import Evidence, SignatureKind, TrustConfig, Verdict
@@ -45,17 +45,6 @@ def _guess_bundle_kind(data: bytes) -> SignatureKind:
     return SignatureKind.BUNDLE_KEYLESS
 
 
-def _verify_bundle(artifact: Artifact, data: bytes, source: str, trust: TrustConfig) -> Verdict:
-    try:  # by name: the bundle verifier is optional at this layer
-        module = importlib.import_module("agent.verify.bundle")
-    except ImportError:
-        return Verdict.fail(Reason.UNSUPPORTED_SIGNATURE,
-                            "bundle verification is not available in this build")
-    verdict = module.verify_bundle(artifact, data, source, trust)
-    assert isinstance(verdict, Verdict)
-    return verdict
-
-
 def verify_candidate(artifact: Artifact, cand: Candidate, trust: TrustConfig) -> Verdict:
     """One attempt; the verdict always carries evidence naming the candidate's source."""
     kind = (SignatureKind.COSIGN_SIG if cand.kind == "sig"
@@ -68,7 +57,7 @@ def verify_candidate(artifact: Artifact, cand: Candidate, trust: TrustConfig) ->
     else:
         try:
             verdict = (verify_sig(artifact, cand.data, cand.source, trust) if cand.kind == "sig"
-                       else _verify_bundle(artifact, cand.data, cand.source, trust))
+                       else verify_bundle(artifact, cand.data, cand.source, trust))
         except InputError:
             raise  # the artifact itself could not be read
         except Exception as exc:  # a verifier bug must fail closed, not crash the caller

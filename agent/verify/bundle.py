@@ -8,6 +8,7 @@ Verdict naming the bundle file. Formats are described in docs/signatures.md.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
@@ -203,17 +204,24 @@ def _keyless_fallback(artifact: Artifact, parsed: ParsedBundle, source: str,
                                 source, trust, claim, require_proof=parsed.version != "0.1")
 
 
-def build_key_bundle(sha256_digest: bytes, signature: bytes, public_key: Any) -> bytes:
-    """A v0.3 managed-key bundle: key hint, SHA2_256 message digest, no tlog entries."""
-    if len(sha256_digest) != 32:
-        raise ValueError("sha256_digest must be 32 bytes")
+def build_key_bundle(digest: bytes, signature: bytes, public_key: Any,
+                     hash_name: str = "sha256") -> bytes:
+    """A v0.3 managed-key bundle: key hint, message digest, no tlog entries.
+
+    ``hash_name`` is the hash the signature was made over (the key's registry hash), so
+    a P-384 key's bundle says SHA2_384; Ed25519 signs the message itself, and its digest
+    is informational.
+    """
+    algorithm = next((name for name, h in HASHES.items() if h == hash_name), None)
+    if algorithm is None or len(digest) != hashlib.new(hash_name).digest_size:
+        raise ValueError(f"digest is not a {hash_name} digest")
     doc = {
         "mediaType": MEDIA_TYPE_V03,
         "verificationMaterial": {"publicKey": {"hint": key_hint(public_key)},
                                  "tlogEntries": []},
         "messageSignature": {
-            "messageDigest": {"algorithm": "SHA2_256",
-                              "digest": base64.b64encode(sha256_digest).decode()},
+            "messageDigest": {"algorithm": algorithm,
+                              "digest": base64.b64encode(digest).decode()},
             "signature": base64.b64encode(signature).decode(),
         },
     }

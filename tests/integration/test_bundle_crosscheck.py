@@ -35,22 +35,27 @@ def js_verify(gen: Generated, bundle: Path, artifact: Path, key: Any = None) -> 
     return proc.returncode == 0
 
 
-@pytest.mark.parametrize("kind", ["p256", "p384", "rsa"])
+@pytest.mark.parametrize("kind", ["p256", "p384", "p521", "rsa"])
 def test_build_key_bundle_accepted_by_both(gen: Generated, tmp_path: Path, kind: str) -> None:
+    """Each key signs with its registry hash (P-384: SHA-384, P-521: SHA-512) as `sign` does."""
     if kind == "rsa":
         key: Any = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     else:
-        key = ec.generate_private_key(ec.SECP256R1() if kind == "p256" else ec.SECP384R1())
-    digest = hashlib.sha256(gen.hello.read_bytes()).digest()
+        curve = {"p256": ec.SECP256R1(), "p384": ec.SECP384R1(), "p521": ec.SECP521R1()}[kind]
+        key = ec.generate_private_key(curve)
+    hash_name = {"p384": "sha384", "p521": "sha512"}.get(kind, "sha256")
+    algo = {"sha256": hashes.SHA256(), "sha384": hashes.SHA384(),
+            "sha512": hashes.SHA512()}[hash_name]
+    digest = hashlib.new(hash_name, gen.hello.read_bytes()).digest()
     if kind == "rsa":
-        sig = key.sign(digest, padding.PKCS1v15(), Prehashed(hashes.SHA256()))
+        sig = key.sign(digest, padding.PKCS1v15(), Prehashed(algo))
     else:
-        sig = key.sign(digest, ec.ECDSA(Prehashed(hashes.SHA256())))
+        sig = key.sign(digest, ec.ECDSA(Prehashed(algo)))
     pem = key.public_key().public_bytes(serialization.Encoding.PEM,
                                         serialization.PublicFormat.SubjectPublicKeyInfo)
     (tmp_path / "k.pub").write_bytes(pem)
     bundle = tmp_path / "hello.sigstore.json"
-    bundle.write_bytes(build_key_bundle(digest, sig, key.public_key()))
+    bundle.write_bytes(build_key_bundle(digest, sig, key.public_key(), hash_name))
     trust = TrustConfig(keys=(parse_public_key(pem, "k.pub"),))
     verdict = verify_file(gen.hello, bundle.read_bytes(), str(bundle), trust)
     assert verdict.trusted, verdict.detail

@@ -261,13 +261,21 @@ def test_sign_errors_exit_2(keyset: Dict[str, km.KeyFiles], binary: Path, tmp_pa
     assert r.returncode == 2 and "directory" in r.stderr
 
 
-def test_sign_bundle_verifies(keyset: Dict[str, km.KeyFiles], binary: Path) -> None:
-    r = eg("sign", str(binary), "--key", str(keyset["ecdsa-p256"].priv_pem), "--bundle")
+@pytest.mark.parametrize("name", sorted(km.SPECS))
+def test_sign_bundle_verifies(keyset: Dict[str, km.KeyFiles], binary: Path, name: str) -> None:
+    """--bundle writes the bundle instead of a .sig, its digest in the key's registry hash."""
+    sig = Path(f"{binary}.sig")
+    sig.unlink(missing_ok=True)
+    r = eg("sign", str(binary), "--key", str(keyset[name].priv_pem), "--bundle")
     assert r.returncode == 0, r.stderr
+    assert not sig.exists()
     bundle = Path(f"{binary}.sigstore.json")
     doc = json.loads(bundle.read_text())
     assert "verificationMaterial" in doc
-    out = verify_json(str(binary), "--key", str(keyset["ecdsa-p256"].pub_pem),
-                      "--bundle", str(bundle))
+    want = {"sha384": "SHA2_384", "sha512": "SHA2_512"}.get(keyset[name].digest, "SHA2_256")
+    assert doc["messageSignature"]["messageDigest"]["algorithm"] == want
+    out = verify_json(str(binary), "--key", str(keyset[name].pub_pem), "--bundle", str(bundle))
     assert out["_rc"] == 0, out
     assert out["signature"]["kind"] == "sigstore-bundle-key"
+
+
