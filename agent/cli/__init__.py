@@ -16,6 +16,7 @@ VERBS = {
     "keygen": "keys_cmd",
     "sign": "keys_cmd",
     "doctor": "doctor_cmd",
+    "status": "status_cmd",
 }
 
 EXIT_OK, EXIT_UNTRUSTED, EXIT_ERROR = 0, 1, 2

@@ -1,0 +1,137 @@
+"""The agent's control socket: a root-only Unix socket that answers ``status`` as JSON.
+
+One request line in, one JSON line out. The peer's credentials (SO_PEERCRED) are checked
+before anything is read: only uid 0 (or the agent's own uid) may ask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import stat
+import struct
+import threading
+from typing import Any, Callable, Dict, Optional
+
+DEFAULT_SOCKET = "/run/execguard/control.sock"
+MAX_REQUEST = 4096
+
+Handler = Callable[[Dict[str, Any]], Dict[str, Any]]
+
+
+class ControlError(Exception):
+    """No agent answered, or it answered something unreadable."""
+
+
+def peer_uid(conn: socket.socket) -> int:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+class ControlServer:
+    """Serves requests on ``path`` from a daemon thread until ``close()``."""
+
+    def __init__(self, path: str, handler: Handler) -> None:
+        self.path = path
+        self.handler = handler
+        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+        if os.path.lexists(path):
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise ControlError(f"{path}: exists and is not a socket; refusing to replace it")
+            os.unlink(path)  # a stale socket from an agent that died
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old = os.umask(0o177)
+        try:
+            self.sock.bind(path)
+        finally:
+            os.umask(old)
+        self.sock.listen(8)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return  # closed
+            with conn:
+                conn.settimeout(2.0)
+                try:
+                    self._answer(conn)
+                except (OSError, ValueError):
+                    continue  # a slow or broken client never stops the server
+
+    def _answer(self, conn: socket.socket) -> None:
+        uid = peer_uid(conn)
+        if uid not in (0, os.geteuid()):
+            conn.sendall(b'{"error": "permission denied: root only"}\n')
+            return
+        data = b""
+        while not data.endswith(b"\n") and len(data) < MAX_REQUEST:
+            chunk = conn.recv(MAX_REQUEST)
+            if not chunk:
+                break
+            data += chunk
+        try:
+            request = json.loads(data or b"{}")
+            if not isinstance(request, dict):
+                raise ValueError("request is not a JSON object")
+            reply = self.handler(request)
+        except ValueError as exc:
+            reply = {"error": f"bad request: {exc}"}
+        conn.sendall(json.dumps(reply, default=str).encode() + b"\n")
+
+    def close(self) -> None:
+        self._stop.set()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        try:
+            if stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                os.unlink(self.path)
+        except OSError:
+            pass
+
+
+def request(path: str, cmd: str = "status", timeout: float = 3.0,
+            **args: Any) -> Dict[str, Any]:
+    """Ask the agent at ``path``; raises ControlError when none answers."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+        sock.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except FileNotFoundError:
+        raise ControlError(f"no agent: {path} does not exist") from None
+    except ConnectionRefusedError:
+        raise ControlError(f"no agent is listening on {path}") from None
+    except socket.timeout:
+        raise ControlError(f"the agent on {path} did not answer within {timeout:g} s") from None
+    except OSError as exc:
+        raise ControlError(f"{path}: {exc.strerror or exc}") from None
+    finally:
+        sock.close()
+    try:
+        reply = json.loads(data)
+    except ValueError:
+        raise ControlError(f"{path}: unreadable answer") from None
+    if not isinstance(reply, dict):
+        raise ControlError(f"{path}: answer is not a JSON object")
+    return reply
+
+
+def socket_path(state_dir: Optional[str]) -> str:
+    return os.path.join(state_dir, "control.sock") if state_dir else DEFAULT_SOCKET
