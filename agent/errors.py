@@ -20,6 +20,10 @@ class Reason(str, Enum):
     TLOG_INVALID = "tlog-invalid"
     UNSUPPORTED_SIGNATURE = "unsupported-signature"
     NO_TRUST_CONFIGURED = "no-trust-configured"
+    POLICY_DENY = "policy-deny"  # a deny rule matched
+    NO_RULE = "no-rule"  # no rule matched and the policy's fallthrough is deny
+    GO_PREDICATE = "go-predicate"  # trusted signature, but a Go build requirement failed
+    VERIFY_FAILED = "verify-failed"  # verification could not run (I/O error, verifier bug)
 
 
 class ExecguardError(Exception):
