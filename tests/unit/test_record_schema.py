@@ -1,0 +1,101 @@
+"""The decision-log schema: one object per Decision, back to the same Decision, and clear
+errors naming the file, line and field for anything else."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict
+
+import pytest
+
+from agent.decision import Enforcement
+from agent.record.decision_log import (
+    SCHEMA_VERSION,
+    LogFormatError,
+    from_json,
+    from_line,
+    new_record_id,
+    to_json,
+    to_line,
+)
+from tests.record_fixtures import make_decision
+
+TOP_KEYS = ["v", "id", "time", "time_ns", "decision", "reason", "detail", "enforcement",
+            "source", "event", "sha256", "evidence", "rule_id", "policy_version",
+            "policy_digest", "go", "latency_us", "extra"]
+
+
+def test_documented_shape() -> None:
+    obj = to_json("abc", make_decision(3))
+    assert list(obj) == TOP_KEYS
+    assert obj["v"] == SCHEMA_VERSION and obj["decision"] == "deny"
+    assert obj["time"] == "2026-11-18T11:06:40.000003Z"
+    assert list(obj["event"]) == ["pid", "ppid", "uid", "auid", "comm", "path", "dev", "ino",
+                                  "ctime_ns", "size", "backend"]
+    assert obj["evidence"]["kind"] == "sigstore-bundle-keyless"
+    assert obj["evidence"]["log_index"] == 123456789
+    assert obj["go"]["module"] == "github.com/acme/tool"
+    with open(Path(__file__).resolve().parents[2] / "docs" / "records.md") as fh:
+        doc = fh.read()
+    for key in TOP_KEYS + list(obj["event"]):
+        assert f"`{key}`" in doc, f"docs/records.md does not describe {key}"
+
+
+@pytest.mark.parametrize("full", [True, False])
+@pytest.mark.parametrize("allow", [True, False])
+def test_round_trip(full: bool, allow: bool) -> None:
+    d = make_decision(9, allow=allow, full=full, enforcement=Enforcement.POST_EXEC_KILL)
+    line = to_line("id9", d)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    back = from_line(line, "f", 1)
+    assert back.id == "id9" and back.decision == d
+
+
+def test_odd_paths_round_trip() -> None:
+    for path in ["/tmp/a\nb", "/tmp/\udcff\udcfe", "/tmp/日本", '/tmp/"q"\\']:
+        d = make_decision(1, path=path, comm="x\ty")
+        line = to_line("i", d)
+        assert line.count(b"\n") == 1
+        assert from_line(line).decision == d
+
+
+def _obj(**changes: Any) -> Dict[str, Any]:
+    obj = json.loads(to_line("i", make_decision(1)))
+    for k, v in changes.items():
+        if v is KeyError:
+            del obj[k]
+        else:
+            obj[k] = v
+    return obj
+
+
+@pytest.mark.parametrize("changes, problem", [
+    ({"v": 2}, "schema version 2 is not supported"),
+    ({"event": KeyError}, "missing field 'event'"),
+    ({"reason": "nope"}, "field 'reason': unknown value 'nope'"),
+    ({"enforcement": 3}, "field 'enforcement' must be str, not int"),
+    ({"decision": "maybe"}, "field 'decision' must be 'allow' or 'deny'"),
+    ({"policy_version": True}, "field 'policy_version' must be int, not bool"),
+    ({"evidence": {"kind": "pgp", "source": "x"}}, "field 'kind': unknown value 'pgp'"),
+    ({"evidence": []}, "field 'evidence' must be an object"),
+])
+def test_bad_records_name_the_problem(changes: Dict[str, Any], problem: str) -> None:
+    with pytest.raises(LogFormatError) as info:
+        from_json(_obj(**changes), "/var/log/execguard/decisions.jsonl", 12)
+    assert str(info.value).startswith("/var/log/execguard/decisions.jsonl: line 12: ")
+    assert problem in str(info.value)
+
+
+def test_not_an_object() -> None:
+    with pytest.raises(LogFormatError, match="line 3: a record must be a JSON object"):
+        from_line(b"[1]\n", "f", 3)
+    with pytest.raises(LogFormatError, match="line 4: not JSON"):
+        from_line(b"\xff{", "f", 4)
+
+
+def test_ids_are_unique_and_time_ordered() -> None:
+    ids = [new_record_id() for _ in range(20000)]
+    assert len(set(ids)) == len(ids)
+    assert [i[:13] for i in ids] == sorted(i[:13] for i in ids)
+    assert all(len(i) == 19 and int(i, 16) >= 0 for i in ids)
