@@ -65,12 +65,12 @@ class Recorder:
 
     def decision(self, d: Decision, exe: Optional[str] = None) -> str:
         """Record one decision; returns its id. Denials (enforced or not) also go to auditd.
-        ``exe`` is the subject's executable before the exec, when the sensor knows it."""
+        ``exe`` overrides ``d.event.exe`` (the subject's executable before the exec)."""
         record_id = new_record_id()
         if self._log is not None:
             self._log.submit(LoggedDecision(record_id, d))
         if self._audit is not None and not d.allow:
-            self._audit.submit(Denial(record_id, d, exe))
+            self._audit.submit(Denial(record_id, d, exe if exe is not None else d.event.exe))
         return record_id
 
     def agent_event(self, event: AgentEvent) -> bool:

@@ -1,0 +1,151 @@
+"""One exec in, one Decision out: scope → trusted cache → verifier → policy.
+
+The decider works on the file descriptor the sensor handed over (the fanotify event fd, or
+a file the agent opened itself), never on a path re-opened later. It never raises: an
+unreadable file is an untrusted verdict, so enforcement fails closed inside the scope.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any, Deque, Dict, Optional
+
+from agent.cache import TrustedCache, binding_for, identity_from_stat
+from agent.decision import Decision, Enforcement, ExecEvent, Source
+from agent.digest import Artifact
+from agent.errors import InputError, Reason
+from agent.policy import (
+    Mode,
+    PolicySnapshot,
+    PolicyStore,
+    Subject,
+    decide,
+    subject_of,
+    trust_digest,
+)
+from agent.verify import verify_artifact
+from agent.verify.model import TrustConfig, Verdict
+
+
+@dataclass
+class DecisionStats:
+    """Counters for ``execguard status``; updated under the decider's lock."""
+
+    by_outcome: Counter = field(default_factory=Counter)  # type: ignore[type-arg]
+    latencies_us: Deque[int] = field(default_factory=lambda: deque(maxlen=4096))
+    errors: int = 0
+
+    def to_json(self) -> Dict[str, Any]:
+        lat = sorted(self.latencies_us)
+
+        def pct(p: float) -> Optional[int]:
+            return lat[min(len(lat) - 1, int(p * len(lat)))] if lat else None
+
+        return {"decisions": dict(self.by_outcome), "errors": self.errors,
+                "latency_us": {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99),
+                               "max": lat[-1] if lat else None, "samples": len(lat)}}
+
+
+def _go_summary(subject: Subject) -> Optional[Dict[str, Any]]:
+    if not subject.go:
+        return None
+    info = subject.buildinfo
+    if info is None:
+        return {"go_version": None, "path": None, "malformed": True}
+    main = info.main
+    return {"go_version": info.go_version, "path": info.path,
+            "module": main.path if main else None, "version": main.version if main else None,
+            "vcs.modified": info.setting("vcs.modified")}
+
+
+class Decider:
+    """Shared by every backend and the pre-warm worker; thread-safe."""
+
+    def __init__(self, store: PolicyStore, cache: TrustedCache) -> None:
+        self.store = store
+        self.cache = cache
+        self.stats = DecisionStats()
+        self._lock = threading.Lock()
+
+    def verify_into_cache(self, artifact: Artifact, trust: TrustConfig,
+                          snapshot: PolicySnapshot) -> tuple[Verdict, bool]:
+        """The verdict for ``artifact`` under ``trust``; (verdict, was_cache_hit).
+
+        The cache holds verdicts under the policy's own trust only. A rule that narrows or
+        extends it (its own signers, module pins) is verified afresh, never from the cache.
+        """
+        if trust_digest(trust) != snapshot.trust_digest:
+            return verify_artifact(artifact, trust), False
+        binding = binding_for(snapshot.digest, snapshot.trust_digest)
+        if self.cache.binding != binding:
+            self.cache.rebind(binding)  # a policy reload: stale verdicts are re-verified
+        identity = identity_from_stat(os.fstat(artifact.fd))
+        entry = self.cache.lookup(identity, binding)
+        if entry is not None:
+            return entry.verdict, True
+        verdict = verify_artifact(artifact, trust)
+        # a file changed while it was verified is not cached
+        if identity_from_stat(os.fstat(artifact.fd)) == identity:
+            self.cache.store(identity, artifact.sha256.hex(), verdict, binding)
+        return verdict, False
+
+    def decide(self, event: ExecEvent, fd: int, deny_enforcement: Enforcement) -> Decision:
+        """Decide the exec of ``event`` whose file is open as ``fd`` (not closed here)."""
+        started = time.monotonic_ns()
+        snapshot = self.store.current.snapshot
+        common: Dict[str, Any] = {"policy_version": snapshot.version,
+                                  "policy_digest": snapshot.digest}
+        if not snapshot.in_scope(event.path):
+            return self._finish(Decision(event, True, Reason.OK, "outside every scope",
+                                         Enforcement.NONE, Source.DEFAULT, **common), started)
+        artifact = Artifact(event.path, fd, event.identity.size, event.identity.dev,
+                            event.identity.ino, event.identity.ctime_ns, 0)
+        hit = {"value": False}
+
+        def verify_fn(trust: TrustConfig) -> Verdict:
+            verdict, hit["value"] = self.verify_into_cache(artifact, trust, snapshot)
+            return verdict
+
+        try:
+            st = os.fstat(fd)
+            artifact.size = st.st_size  # the fd's own size, not the sensor's copy
+            if st.st_size > snapshot.limits.max_file_bytes:
+                raise InputError(event.path, f"{st.st_size} bytes is over the policy's "
+                                 f"max_file_bytes ({snapshot.limits.max_file_bytes})")
+            subject = subject_of(artifact, event.uid, event.path)
+            outcome = decide(snapshot, subject, verify_fn)
+        except (InputError, OSError) as exc:
+            allow = snapshot.mode is Mode.MONITOR
+            enforcement = Enforcement.MONITOR if allow else deny_enforcement
+            with self._lock:
+                self.stats.errors += 1
+            return self._finish(Decision(event, allow, Reason.VERIFY_FAILED,
+                                         f"cannot read the file: {exc}", enforcement,
+                                         Source.VERIFY, **common), started)
+        if outcome.allow:
+            enforcement = Enforcement.NONE
+        elif snapshot.mode is Mode.MONITOR:
+            enforcement = Enforcement.MONITOR
+        else:
+            enforcement = deny_enforcement
+        source = Source.CACHE if hit["value"] and outcome.source is Source.VERIFY \
+            else outcome.source
+        verdict = outcome.verdict
+        return self._finish(Decision(
+            event, outcome.allow, outcome.reason, outcome.detail, enforcement, source,
+            sha256=artifact.sha256.hex() if verdict is not None else None,
+            evidence=verdict.evidence if verdict is not None else None,
+            rule_id=outcome.rule_id, go=_go_summary(subject), **common), started)
+
+    def _finish(self, decision: Decision, started_ns: int) -> Decision:
+        latency = (time.monotonic_ns() - started_ns) // 1000
+        with self._lock:
+            key = "allow" if decision.allow else (
+                "would-deny" if decision.enforcement is Enforcement.MONITOR else "deny")
+            self.stats.by_outcome[key] += 1
+            self.stats.latencies_us.append(latency)
+        return Decision(**{**decision.__dict__, "latency_us": latency})
