@@ -1,0 +1,94 @@
+/* execguard: records the BPF programs send to user space, and the maps they share.
+ *
+ * One header for the kernel side; agent/sensors/decode.py mirrors it (a test compares
+ * the two layouts through BCC). Every record starts with a one-byte opcode so the
+ * decoder can dispatch on it. Fields are laid out by hand with natural alignment and
+ * no implicit padding, so the layout is the same for every compiler.
+ */
+#ifndef EXECGUARD_EVENTS_H
+#define EXECGUARD_EVENTS_H
+
+#define EG_COMM_LEN 16
+#ifndef EG_PATH_LEN
+#define EG_PATH_LEN 256 /* bytes of the exec path kept, NUL included */
+#endif
+
+enum eg_msg_op {
+	EG_MSG_EXEC = 1, /* struct eg_exec_event */
+};
+
+/* What the kernel knew about the file when it ran (verdict map lookup). */
+enum eg_state {
+	EG_STATE_UNKNOWN = 0, /* no entry for (dev, ino) */
+	EG_STATE_ALLOW = 1,   /* entry says allow and the stamp matches */
+	EG_STATE_DENY = 2,    /* entry says deny and the stamp matches */
+	EG_STATE_STALE = 3,   /* entry exists but ctime or size changed: unknown again */
+};
+
+/* What the program did about it. */
+enum eg_action {
+	EG_ACT_NONE = 0,        /* allowed, or denied but out of scope / kill off: reported only */
+	EG_ACT_KILLED = 1,      /* bpf_send_signal(SIGKILL) returned 0 */
+	EG_ACT_KILL_FAILED = 2, /* bpf_send_signal returned an error (in ev.kill_err) */
+};
+
+/* eg_exec_event.flags */
+#define EG_F_IN_SCOPE 0x01  /* the file's device is in scope_devs */
+#define EG_F_DENIED 0x02    /* the policy in the kernel denies it (deny verdict, or unknown while enforcing) */
+#define EG_F_READ_ERR 0x04  /* a kernel read failed: identity fields may be 0 */
+
+struct eg_exec_event {
+	__u8 op;      /* EG_MSG_EXEC */
+	__u8 state;   /* enum eg_state */
+	__u8 action;  /* enum eg_action */
+	__u8 flags;   /* EG_F_* */
+	__s32 kill_err;
+	__u32 pid;    /* tgid of the exec'ing process */
+	__u32 ppid;   /* tgid of its real parent */
+	__u32 uid;
+	__u32 auid;   /* loginuid; 4294967295 when unset */
+	__u32 dev;    /* kernel encoding: MKDEV(major, minor) = major << 20 | minor */
+	__u32 _pad0;
+	__u64 ino;
+	__u64 ctime_ns;
+	__u64 size;
+	__u64 boot_ns; /* bpf_ktime_get_boot_ns() at the exec */
+	char comm[EG_COMM_LEN];
+	char path[EG_PATH_LEN]; /* linux_binprm.filename, as given to execve */
+};
+
+/* Verdict map: file identity -> stamp and verdict. User space writes, the program reads. */
+struct eg_file_key {
+	__u64 ino;
+	__u32 dev; /* kernel encoding, like eg_exec_event.dev */
+	__u32 _pad;
+};
+
+#define EG_VERDICT_ALLOW 1
+#define EG_VERDICT_DENY 2
+
+struct eg_verdict {
+	__u64 ctime_ns;
+	__u64 size;
+	__u32 verdict; /* EG_VERDICT_* */
+	__u32 _pad;
+};
+
+/* config[0]: the knobs user space may change while the program runs. */
+#define EG_CFG_KILL 0x01         /* send SIGKILL to denied execs in scope */
+#define EG_CFG_DENY_UNKNOWN 0x02 /* enforce: unknown or stale files in scope are denied */
+
+struct eg_config {
+	__u32 flags;
+	__u32 _pad;
+};
+
+/* stats[] indexes (per-CPU counters). */
+#define EG_STAT_EXECS 0
+#define EG_STAT_DROPS 1       /* ring buffer reserve failed: the event is lost */
+#define EG_STAT_KILLS 2
+#define EG_STAT_KILL_FAILED 3
+#define EG_STAT_READ_ERR 4
+#define EG_STAT_N 5
+
+#endif
