@@ -28,6 +28,7 @@ from agent.policy import (
     trust_digest,
 )
 from agent.verify import verify_artifact
+from agent.verify.discovery import SUFFIXES
 from agent.verify.model import TrustConfig, Verdict
 
 
@@ -48,6 +49,23 @@ class DecisionStats:
         return {"decisions": dict(self.by_outcome), "errors": self.errors,
                 "latency_us": {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99),
                                "max": lat[-1] if lat else None, "samples": len(lat)}}
+
+
+def _signature_since(path: str, sha256_hex: str, trust: TrustConfig, since_ns: int) -> bool:
+    """A signature appeared or changed after a denial was cached: the denial is stale.
+
+    Deploy tools often write the binary first and rename its signature in after, which no
+    close-after-write event reports; this check costs a few stat() calls per cached denial.
+    """
+    places = [path + s for s in SUFFIXES]
+    places += [os.path.join(d, sha256_hex + s) for d in trust.store_dirs for s in SUFFIXES]
+    for place in places:
+        try:
+            if os.lstat(place).st_ctime_ns >= since_ns:
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def _go_summary(subject: Subject) -> Optional[Dict[str, Any]]:
@@ -72,7 +90,8 @@ class Decider:
         self._lock = threading.Lock()
 
     def verify_into_cache(self, artifact: Artifact, trust: TrustConfig,
-                          snapshot: PolicySnapshot) -> tuple[Verdict, bool]:
+                          snapshot: PolicySnapshot, cache_negative: bool = True
+                          ) -> tuple[Verdict, bool]:
         """The verdict for ``artifact`` under ``trust``; (verdict, was_cache_hit).
 
         The cache holds verdicts under the policy's own trust only. A rule that narrows or
@@ -85,11 +104,13 @@ class Decider:
             self.cache.rebind(binding)  # a policy reload: stale verdicts are re-verified
         identity = identity_from_stat(os.fstat(artifact.fd))
         entry = self.cache.lookup(identity, binding)
-        if entry is not None:
+        if entry is not None and (entry.verdict.trusted or not _signature_since(
+                artifact.path, entry.sha256, trust, entry.verified_at_ns)):
             return entry.verdict, True
         verdict = verify_artifact(artifact, trust)
         # a file changed while it was verified is not cached
-        if identity_from_stat(os.fstat(artifact.fd)) == identity:
+        if (verdict.trusted or cache_negative) and \
+                identity_from_stat(os.fstat(artifact.fd)) == identity:
             self.cache.store(identity, artifact.sha256.hex(), verdict, binding)
         return verdict, False
 

@@ -24,6 +24,8 @@ class Reason(str, Enum):
     NO_RULE = "no-rule"  # no rule matched and the policy's fallthrough is deny
     GO_PREDICATE = "go-predicate"  # trusted signature, but a Go build requirement failed
     VERIFY_FAILED = "verify-failed"  # verification could not run (I/O error, verifier bug)
+    UNVERIFIED = "unverified"  # enforce mode denied a binary before it could be verified
+    DECISION_TIMEOUT = "decision-timeout"  # no decision within the deadline: on_timeout applied
 
 
 class ExecguardError(Exception):

@@ -1,0 +1,64 @@
+"""``execguard run``: the agent, in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from agent.backends import PREFERENCE
+from agent.errors import ExecguardError
+
+EXIT_ERROR = 2
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "run", help="run the agent in the foreground",
+        description="Watch every exec, decide, enforce and record. Without --policy the "
+        "embedded default policy applies: monitor mode, Go binaries need a signature by a key "
+        "in /etc/execguard/keys/, nothing is ever blocked. The flags override the policy's "
+        "fields, so enforcement can be tried on one directory without writing a policy: "
+        "execguard run --mode enforce --scope /opt/app --key release.pub",
+        epilog="SIGHUP reloads the policy (a bad one is refused and the current one stays); "
+        "SIGTERM/SIGINT stop the agent. When the agent exits, the kernel allows every exec "
+        "again (fail-open). 'execguard status' asks a running agent.")
+    p.add_argument("--policy", metavar="FILE", help="policy file (TOML or JSON)")
+    p.add_argument("--mode", choices=("monitor", "enforce"))
+    p.add_argument("--scope", action="append", default=[], metavar="DIR",
+                   help="watch/enforce only under DIR (repeatable; replaces the policy's scopes)")
+    p.add_argument("--key", action="append", default=[], metavar="PEM",
+                   help="trusted public key (repeatable; replaces the policy's keys)")
+    p.add_argument("--backend", choices=("auto", *PREFERENCE), default="auto",
+                   help="force a backend (its self-test must still pass, or the agent "
+                   "downgrades and says why); default: the best this host passes")
+    p.add_argument("--state-dir", metavar="DIR", help="cache and control socket directory")
+    p.add_argument("--log-dir", metavar="DIR", help="decision log directory")
+    p.add_argument("--status-interval", type=float, default=5.0, metavar="S",
+                   help="print a status line every S seconds (0: never)")
+    p.add_argument("--quiet", action="store_true", help="do not print each decision")
+    p.add_argument("--no-prewarm", action="store_true",
+                   help="do not verify the scopes' binaries ahead of their first exec")
+    p.add_argument("--audit", choices=("auto", "libaudit", "netlink", "off"), default="auto",
+                   help="how denials reach auditd")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from agent.daemon import Agent, RunOptions
+
+    if os.geteuid() != 0:
+        print("execguard run: needs root (BPF, fanotify and auditd); prefix it with sudo",
+              file=sys.stderr)
+        return EXIT_ERROR
+    opts = RunOptions(policy=args.policy, mode=args.mode, scopes=tuple(args.scope),
+                      keys=tuple(args.key), backend=args.backend, state_dir=args.state_dir,
+                      log_dir=args.log_dir, status_interval=args.status_interval,
+                      quiet=args.quiet, prewarm=not args.no_prewarm, audit=args.audit)
+    try:
+        agent = Agent(opts)
+    except ExecguardError as exc:
+        print(f"execguard run: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    return agent.run()

@@ -1,0 +1,294 @@
+"""``execguard run``: load the policy, pick and self-test a backend, decide, record, report.
+
+Start-up order matters: records and the control socket come first (so a failed start is
+visible), then the cache, then the backend (its self-test decides ``ready`` vs
+``degraded``), then pre-warming. Nothing here is on the exec path except through the
+Decider; printing and logging go through bounded queues that drop rather than block.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, TextIO
+
+from agent import __version__
+from agent.backends import PREFERENCE, BackendUnavailable, Runner, start_backend
+from agent.cache import TrustedCache, binding_for, default_path
+from agent.control import ControlError, ControlServer, socket_path
+from agent.decide import Decider
+from agent.decision import Decision, Enforcement
+from agent.errors import ExecguardError
+from agent.policy import Mode, PolicySnapshot, PolicyStore, apply_overrides, default_policy
+from agent.policy import load_policy as read_policy
+from agent.prewarm import Prewarmer
+from agent.record import Recorder, RecorderConfig
+from agent.record.audit_format import agent_start, agent_stop, backend_selected, policy_loaded
+
+FLUSH_EVERY_S = 30.0
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    policy: Optional[str] = None
+    mode: Optional[str] = None
+    scopes: Sequence[str] = ()
+    keys: Sequence[str] = ()
+    backend: Optional[str] = None
+    state_dir: Optional[str] = None
+    log_dir: Optional[str] = None
+    status_interval: float = 5.0
+    quiet: bool = False
+    prewarm: bool = True
+    audit: str = "auto"
+
+
+def load_snapshot(opts: RunOptions) -> PolicySnapshot:
+    base = read_policy(opts.policy) if opts.policy else default_policy()
+    return apply_overrides(base, mode=opts.mode, scopes=tuple(opts.scopes),
+                           keys=tuple(opts.keys), state_dir=opts.state_dir,
+                           log_dir=opts.log_dir)
+
+
+class Console:
+    """One readable line per decision, from a thread of its own: a slow terminal drops lines
+    (counted), it never holds up a decision."""
+
+    def __init__(self, out: TextIO, enabled: bool) -> None:
+        self.out, self.enabled, self.dropped = out, enabled, 0
+        self._q: queue.Queue[Optional[str]] = queue.Queue(maxsize=2048)
+        self._thread = threading.Thread(target=self._run, name="console", daemon=True)
+        self._thread.start()
+
+    def line(self, text: str) -> None:
+        if not self.enabled:
+            return
+        try:
+            self._q.put_nowait(text)
+        except queue.Full:
+            self.dropped += 1
+
+    def _run(self) -> None:
+        while True:
+            text = self._q.get()
+            if text is None:
+                return
+            try:
+                self.out.write(text + "\n")
+                self.out.flush()
+            except (OSError, ValueError):
+                self.dropped += 1
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._thread.join(timeout=2)
+
+
+def decision_line(d: Decision) -> str:
+    when = time.strftime("%H:%M:%S", time.localtime(d.event.timestamp_ns / 1e9))
+    verdict = "ALLOW" if d.allow else ("WOULD-DENY" if d.enforcement in (
+        Enforcement.MONITOR, Enforcement.AUDIT_ONLY) else "DENY")
+    who = f"pid={d.event.pid} uid={d.event.uid}"
+    signer = ""
+    if d.evidence is not None and d.allow:
+        signer = f" signer={d.evidence.key_fingerprint or d.evidence.identity or '?'}"[:40]
+    rule = f" rule={d.rule_id}" if d.rule_id else ""
+    return (f"{when} {verdict:<10} {d.enforcement.value:<14} {d.reason.value:<20} {who} "
+            f"{d.event.path}{rule}{signer}")
+
+
+@dataclass
+class AgentState:
+    state: str = "starting"
+    backend: Optional[str] = None
+    selftest: Optional[str] = None
+    skipped: List[Dict[str, str]] = field(default_factory=list)
+    warnings: List[str] = field(default_factory=list)
+    started_at: float = field(default_factory=time.time)
+
+
+class Agent:
+    def __init__(self, opts: RunOptions, out: TextIO = sys.stdout) -> None:
+        self.opts = opts
+        self.out = out
+        self.status_state = AgentState()
+        self.snapshot = load_snapshot(opts)  # raises MalformedInput: nothing started yet
+        self.console = Console(out, not opts.quiet)
+        self.recorder: Optional[Recorder] = None
+        self.runner: Optional[Runner] = None
+        self.control: Optional[ControlServer] = None
+        self.prewarmer: Optional[Prewarmer] = None
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+
+    # -- wiring -----------------------------------------------------------------------
+    def record(self, d: Decision) -> None:
+        assert self.recorder is not None
+        self.recorder.decision(d)
+        self.console.line(decision_line(d))
+
+    def say(self, text: str) -> None:
+        self.console.line(f"execguard: {text}")
+
+    def status(self, request: Dict[str, Any]) -> Dict[str, Any]:
+        if request.get("cmd", "status") != "status":
+            return {"error": f"unknown command {request.get('cmd')!r}"}
+        snap = self.decider.store.current.snapshot
+        st = self.status_state
+        runner = self.runner
+        enforcement = "none"
+        if runner is not None:
+            enforcement = (Enforcement.MONITOR.value if snap.mode is Mode.MONITOR
+                           else runner.enforcement.value)
+        out: Dict[str, Any] = {
+            "state": st.state, "backend": st.backend, "enforcement": enforcement,
+            "mode": snap.mode.value, "pid": os.getpid(), "version": __version__,
+            "uptime_s": round(time.time() - st.started_at, 1),
+            "policy": {"version": snap.version, "digest": snap.digest, "source": snap.source},
+            "selftest": st.selftest, "skipped_backends": st.skipped,
+            "state_dir": snap.state_dir, "log_dir": snap.log_dir,
+            "cache": self.decider.cache.stats().to_json(),
+            "decisions": self.decider.stats.to_json(),
+            "records": self.recorder.stats() if self.recorder else {},
+            "records_dropped": self.recorder.dropped_total() if self.recorder else 0,
+            "console_dropped": self.console.dropped,
+            "sensor": runner.stats() if runner is not None else {},
+            "prewarm": self.prewarmer.stats.to_json() if self.prewarmer else None,
+            "warnings": list(st.warnings) + list(snap.warnings),
+        }
+        return out
+
+    def status_line(self) -> str:
+        s = self.status({})
+        dec = s["decisions"]["decisions"]
+        lat = s["decisions"]["latency_us"]
+        return (f"status: {s['state']} backend={s['backend']} enforcement={s['enforcement']} "
+                f"decisions={sum(dec.values())} deny={dec.get('deny', 0)} "
+                f"would-deny={dec.get('would-deny', 0)} cache={s['cache'].get('entries')} "
+                f"hit-rate={s['cache'].get('hit_rate', 0):.2f} p50={lat['p50']}us "
+                f"p99={lat['p99']}us dropped={s['records_dropped']}")
+
+    # -- lifecycle --------------------------------------------------------------------
+    def start(self) -> None:
+        snap = self.snapshot
+        for directory, mode in ((snap.state_dir, 0o700), (snap.log_dir, 0o750)):
+            os.makedirs(directory, mode=mode, exist_ok=True)
+        self.recorder = Recorder(RecorderConfig(snap.log_dir, audit=self.opts.audit))
+        self.recorder.start()
+        self.recorder.agent_event(agent_start(__version__, snap.mode.value, os.getpid()))
+        self.recorder.agent_event(policy_loaded(snap.version, snap.digest, snap.source,
+                                                snap.mode.value))
+        cache = TrustedCache(default_path(snap.state_dir),
+                             binding_for(snap.digest, snap.trust_digest))
+        report = cache.load()
+        self.status_state.warnings.extend(report.warnings)
+        for warning in report.warnings:
+            self.say(f"WARNING: {warning}")
+        self.decider = Decider(PolicyStore(snap), cache)
+        self.control = ControlServer(socket_path(snap.state_dir), self.status)
+        self.control.start()
+        self._start_backend()
+        if self.opts.prewarm and self.runner is not None:
+            self.prewarmer = Prewarmer(self.decider, self.runner.remember,
+                                       skip=(snap.state_dir, snap.log_dir))
+            try:
+                self.prewarmer.start(snap.scope_roots())
+            except OSError as exc:
+                self.status_state.warnings.append(f"close-after-write watch unavailable: {exc}")
+
+    def _start_backend(self) -> None:
+        from agent.sensors.probe import choose_backend, run_probes
+
+        requested = self.opts.backend
+        if requested and requested != "auto":
+            if requested not in PREFERENCE:
+                raise ExecguardError(f"--backend {requested}: unknown (one of "
+                                     f"{', '.join(PREFERENCE)})")
+            first = requested
+        else:
+            choice = choose_backend(run_probes(compile=True))
+            first = choice.backend or "audit-only"
+            for backend, verdict, why in choice.reasons:
+                if verdict == "skipped" and PREFERENCE.index(backend) < PREFERENCE.index(first):
+                    self.status_state.skipped.append({"backend": backend, "why": why})
+
+        def skipped(name: str, why: str) -> None:
+            self.status_state.skipped.append({"backend": name, "why": why})
+            self.say(f"backend {name} skipped: {why}")
+            assert self.recorder is not None
+            self.recorder.agent_event(backend_selected(name, "none", why, ok=False))
+
+        runner, result = start_backend(first, self.decider, self.record, skipped)
+        self.runner = runner
+        st = self.status_state
+        st.backend, st.selftest = runner.name, result.detail
+        downgraded = requested not in (None, "auto") and runner.name != requested
+        st.state = "degraded" if downgraded or runner.name == "audit-only" else "ready"
+        assert self.recorder is not None
+        self.recorder.agent_event(backend_selected(runner.name, runner.enforcement.value,
+                                                   result.detail))
+        self.say(f"backend {runner.name} ({result.detail}); mode {self.snapshot.mode.value}; "
+                 f"scopes {', '.join(self.snapshot.scope_roots())}; state {st.state}")
+
+    def reload(self) -> None:
+        try:
+            self.decider.store.reload(lambda: load_snapshot(self.opts))
+        except ExecguardError as exc:
+            self.say(f"policy reload refused, the current policy stays: {exc}")
+            assert self.recorder is not None
+            snap = self.decider.store.current.snapshot
+            self.recorder.agent_event(policy_loaded(None, None, self.opts.policy or "default",
+                                                    snap.mode.value, ok=False, why=str(exc)))
+            return
+        snap = self.decider.store.current.snapshot
+        assert self.recorder is not None
+        self.recorder.agent_event(policy_loaded(snap.version, snap.digest, snap.source,
+                                                snap.mode.value))
+        self.say(f"policy reloaded: version {snap.version} digest {snap.digest[:12]}")
+
+    def stop(self, why: str) -> None:
+        if self.prewarmer is not None:
+            self.prewarmer.stop()
+        if self.runner is not None:
+            self.runner.stop()
+        if hasattr(self, "decider"):
+            self.decider.cache.flush()
+        if self.control is not None:
+            self.control.close()
+        if self.recorder is not None:
+            self.recorder.agent_event(agent_stop(why))
+            self.recorder.close()
+        self.console.close()
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
+        signal.signal(signal.SIGINT, lambda *_: self._stop.set())
+        signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
+        why = "stopped by signal"
+        try:
+            self.start()
+            next_status = time.monotonic() + self.opts.status_interval
+            next_flush = time.monotonic() + FLUSH_EVERY_S
+            while not self._stop.wait(0.2):
+                now = time.monotonic()
+                if self._reload.is_set():
+                    self._reload.clear()
+                    self.reload()
+                if self.opts.status_interval > 0 and now >= next_status:
+                    self.console.line(self.status_line())
+                    next_status = now + self.opts.status_interval
+                if now >= next_flush:
+                    self.decider.cache.flush()
+                    next_flush = now + FLUSH_EVERY_S
+        except (BackendUnavailable, ControlError, ExecguardError, OSError) as exc:
+            why = f"failed: {exc}"
+            print(f"execguard run: {exc}", file=sys.stderr)
+            return 2
+        finally:
+            self.stop(why)
+        return 0

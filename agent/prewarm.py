@@ -1,0 +1,219 @@
+"""Verify before the first exec: scan the scopes at start, and re-verify files closed after
+writing. The first exec of a signed binary deployed while the agent runs is then a cache hit.
+
+Both paths run on low-priority background threads and only fill the verdict cache (and,
+through ``on_result``, a backend's kernel verdict map); exec-time decisions stay the
+decider's. Notification events never block anything, unlike permission events.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import stat
+import threading
+from dataclasses import dataclass
+from typing import Callable, Iterator, List, Optional, Sequence
+
+from agent.cache import identity_from_stat
+from agent.decide import Decider
+from agent.decision import FileIdentity
+from agent.digest import Artifact
+from agent.errors import ExecguardError
+from agent.policy import decide, subject_of
+from agent.sensors import fanotify_sys as fs
+
+FAN_CLOSE_WRITE = 0x00000008
+FAN_CLASS_NOTIF = 0x00000000
+ELF_MAGIC = b"\x7fELF"
+SIGNATURE_SUFFIXES = (".sig", ".sigstore.json", ".bundle")
+PSEUDO_FS = frozenset({
+    "proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "securityfs", "debugfs",
+    "tracefs", "bpf", "pstore", "mqueue", "hugetlbfs", "fusectl", "configfs", "autofs",
+    "binfmt_misc", "efivarfs", "nsfs", "rpc_pipefs", "overlay-internal",
+})
+
+OnResult = Callable[[str, FileIdentity, bool], None]
+
+
+@dataclass
+class PrewarmStats:
+    scanned: int = 0
+    verified: int = 0
+    skipped: int = 0
+    errors: int = 0
+    close_write_events: int = 0
+    scan_done: bool = False
+
+    def to_json(self) -> dict:  # type: ignore[type-arg]
+        return dict(self.__dict__)
+
+
+def signed_file(path: str) -> Optional[str]:
+    """The file a signature beside it covers (``x.sig`` → ``x``), or None."""
+    for suffix in SIGNATURE_SUFFIXES:
+        if path.endswith(suffix) and len(path) > len(suffix):
+            return path[: -len(suffix)]
+    return None
+
+
+def pseudo_mounts(mountinfo: str = "/proc/self/mountinfo") -> List[str]:
+    """Mount points of kernel pseudo filesystems: never walked."""
+    out = []
+    try:
+        with open(mountinfo, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                left, _, right = line.partition(" - ")
+                fields = left.split()
+                if len(fields) > 4 and right.split()[:1] and right.split()[0] in PSEUDO_FS:
+                    out.append(fields[4].replace("\\040", " "))
+    except OSError:
+        pass
+    return out
+
+
+def walk_elf_candidates(roots: Sequence[str], skip: Sequence[str], limit: int
+                        ) -> Iterator[str]:
+    """Regular files under ``roots`` (not following symlinks), pseudo filesystems skipped."""
+    skipped = tuple(s.rstrip("/") + "/" for s in skip if s != "/")
+    seen = 0
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+            if (dirpath.rstrip("/") + "/").startswith(skipped):
+                dirnames[:] = []
+                continue
+            dirnames[:] = [d for d in dirnames
+                           if not (os.path.join(dirpath, d) + "/").startswith(skipped)]
+            for name in filenames:
+                if seen >= limit:
+                    return
+                seen += 1
+                yield os.path.join(dirpath, name)
+
+
+class Prewarmer:
+    """Fills the verdict cache ahead of execs; ``on_result(path, identity, allow)``."""
+
+    def __init__(self, decider: Decider, on_result: Optional[OnResult] = None,
+                 max_files: int = 20000, skip: Sequence[str] = ()) -> None:
+        self.decider = decider
+        self.on_result = on_result
+        self.max_files = max_files
+        self.skip = list(skip) + pseudo_mounts()
+        self.stats = PrewarmStats()
+        self._stop = threading.Event()
+        self._threads: List[threading.Thread] = []
+        self._group = -1
+
+    def warm_fd(self, path: str, fd: int) -> Optional[bool]:
+        """Decide ``path`` (open as ``fd``) as an exec by its owner would be; None if skipped."""
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size < 64 or os.pread(fd, 4, 0) != ELF_MAGIC:
+            self.stats.skipped += 1
+            return None
+        snapshot = self.decider.store.current.snapshot
+        if not snapshot.in_scope(path) or st.st_size > snapshot.limits.max_file_bytes:
+            self.stats.skipped += 1
+            return None
+        artifact = Artifact(path, fd, st.st_size, st.st_dev, st.st_ino, st.st_ctime_ns,
+                            st.st_mtime_ns)
+        # a denial is not cached here: the binary is often deployed before its signature
+        outcome = decide(snapshot, subject_of(artifact, st.st_uid, path),
+                         lambda trust: self.decider.verify_into_cache(
+                             artifact, trust, snapshot, cache_negative=False)[0])
+        self.stats.verified += 1
+        if self.on_result is not None:
+            self.on_result(path, identity_from_stat(st), outcome.allow)
+        return outcome.allow
+
+    def signature_changed(self, binary: str) -> None:
+        """A signature beside ``binary`` was written: forget its verdict and verify again."""
+        try:
+            self.decider.cache.discard(identity_from_stat(os.stat(binary)))
+        except OSError:
+            return  # the signature came first; the binary's own close-write warms it
+        self.warm_path(binary)
+
+    def warm_path(self, path: str) -> Optional[bool]:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+                         | os.O_NOCTTY)
+        except OSError:
+            self.stats.errors += 1
+            return None
+        try:
+            return self.warm_fd(path, fd)
+        except (OSError, ExecguardError):
+            self.stats.errors += 1
+            return None
+        finally:
+            os.close(fd)
+
+    def scan(self, roots: Sequence[str]) -> None:
+        _lower_priority()
+        for path in walk_elf_candidates(roots, self.skip, self.max_files):
+            if self._stop.is_set():
+                return
+            self.stats.scanned += 1
+            self.warm_path(path)
+        self.stats.scan_done = True
+
+    def start(self, roots: Sequence[str], watch: bool = True) -> None:
+        """Scan ``roots`` in the background and, with ``watch``, follow close-after-write."""
+        if watch:
+            self._group = fs.fanotify_init(FAN_CLASS_NOTIF | fs.FAN_CLOEXEC | fs.FAN_NONBLOCK,
+                                           fs.EVENT_F_FLAGS)
+            for root in roots:
+                fs.fanotify_mark(self._group, fs.FAN_MARK_ADD | fs.FAN_MARK_MOUNT,
+                                 FAN_CLOSE_WRITE, fs.AT_FDCWD, root)
+            self._spawn(self._watch, "prewarm-watch")
+        self._spawn(lambda: self.scan(roots), "prewarm-scan")
+
+    def _spawn(self, target: Callable[[], None], name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _watch(self) -> None:
+        _lower_priority()
+        while not self._stop.is_set():
+            ready, _, _ = select.select([self._group], [], [], 0.2)
+            if not ready:
+                continue
+            try:
+                data = os.read(self._group, 64 * 1024)
+            except BlockingIOError:
+                continue
+            except OSError:
+                return
+            events, _problem = fs.parse_events(data)
+            for ev in events:
+                if ev.fd < 0:
+                    continue
+                try:
+                    self.stats.close_write_events += 1
+                    path = os.readlink(f"/proc/self/fd/{ev.fd}")
+                    binary = signed_file(path)
+                    if binary is None:
+                        self.warm_fd(path, ev.fd)
+                    else:
+                        self.signature_changed(binary)
+                except (OSError, ExecguardError):
+                    self.stats.errors += 1
+                finally:
+                    os.close(ev.fd)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        if self._group >= 0:
+            os.close(self._group)
+            self._group = -1
+
+
+def _lower_priority() -> None:
+    """Background work yields the CPU to exec-time decisions (nice is per thread on Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
