@@ -9,6 +9,7 @@ into the same ``Runner`` protocol.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -137,7 +138,7 @@ class FanotifyRunner:
         self._backend.start()
 
     def _decide(self, event: ExecEvent, fd: int) -> bool:
-        decision = self.decider.decide(event, fd, self.enforcement)
+        decision = self.decider.decide(_with_exe(event), fd, self.enforcement)
         with self._lock:
             self._pending[id(event)] = (event, decision)
         return decision.allow or decision.enforcement is not self.enforcement
@@ -177,6 +178,14 @@ class FanotifyRunner:
 
     def stats(self) -> Dict[str, Any]:
         return dict(self._backend.stats()) if self._backend is not None else {}
+
+
+def _with_exe(event: ExecEvent) -> ExecEvent:
+    """At permission time /proc/PID/exe is still the exec'ing program: the audit subject."""
+    try:
+        return dataclasses.replace(event, exe=os.readlink(f"/proc/{event.pid}/exe"))
+    except OSError:
+        return event
 
 
 def _replace(decision: Decision, **changes: Any) -> Decision:

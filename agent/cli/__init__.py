@@ -17,6 +17,8 @@ VERBS = {
     "sign": "keys_cmd",
     "doctor": "doctor_cmd",
     "status": "status_cmd",
+    "run": "run_cmd",
+    "denials": "denials_cmd",
 }
 
 EXIT_OK, EXIT_UNTRUSTED, EXIT_ERROR = 0, 1, 2

@@ -9,12 +9,16 @@ from pathlib import Path
 from typing import Dict, Iterator
 
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 import agent.verify as facade
 from agent.digest import Artifact
 from agent.errors import InputError, Reason
 from agent.verify import discovery, keys, verify_artifact
-from agent.verify.model import Evidence, SignatureKind, TrustConfig, Verdict
+from agent.verify.bundle import build_key_bundle
+from agent.verify.model import SignatureKind, TrustConfig, Verdict
 from tests import keymaterial as km
 
 
@@ -125,22 +129,20 @@ def test_nothing_found_is_no_signature_naming_the_places(keyset: Dict[str, km.Ke
     assert str(blob) + ".sig" in v.detail and art.sha256.hex() + ".bundle" in v.detail
 
 
-def test_most_informative_failure_wins(keyset: Dict[str, km.KeyFiles], blob: Path, art: Artifact,
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_most_informative_failure_wins(keyset: Dict[str, km.KeyFiles], blob: Path,
+                                       art: Artifact) -> None:
     other = blob.parent / "other"
     other.write_bytes(b"other")
     Path(str(blob) + ".sig").write_bytes(good_sig(keyset, other))  # bad-signature
-    Path(str(blob) + ".bundle").write_bytes(b'{"rekorBundle": {}}')
-
-    def fake_bundle(a: Artifact, data: bytes, source: str, t: TrustConfig) -> Verdict:
-        return Verdict.fail(Reason.UNTRUSTED_KEY, "signed by a key nobody trusts")
-
-    monkeypatch.setattr(facade, "_verify_bundle", fake_bundle)
+    stranger = ec.generate_private_key(ec.SECP256R1())  # a real bundle by an unknown key
+    sig = stranger.sign(art.sha256, ec.ECDSA(Prehashed(hashes.SHA256())))
+    bundle = Path(str(blob) + ".sigstore.json")
+    bundle.write_bytes(build_key_bundle(art.sha256, sig, stranger.public_key()))
     v = verify_artifact(art, trust(keyset))
     assert v.reason is Reason.UNTRUSTED_KEY
     assert [a.reason for a in v.attempts] == [Reason.BAD_SIGNATURE, Reason.UNTRUSTED_KEY]
-    # evidence is filled in for verifiers that return none, with a best-guess kind
-    assert v.evidence == Evidence(SignatureKind.COSIGN_LEGACY_BUNDLE, str(blob) + ".bundle")
+    assert v.evidence is not None and v.evidence.kind is SignatureKind.BUNDLE_KEY
+    assert v.evidence.source == str(bundle)
 
 
 def test_unreadable_artifact_propagates(keyset: Dict[str, km.KeyFiles], blob: Path) -> None:
@@ -158,7 +160,7 @@ def test_a_verifier_bug_fails_closed(keyset: Dict[str, km.KeyFiles], blob: Path,
     def broken(a: Artifact, data: bytes, source: str, t: TrustConfig) -> Verdict:
         raise KeyError("boom")
 
-    monkeypatch.setattr(facade, "_verify_bundle", broken)
+    monkeypatch.setattr(facade, "verify_bundle", broken)  # fault injection: a verifier bug
     v = verify_artifact(art, trust(keyset))
     assert not v.trusted and v.reason is Reason.MALFORMED_SIGNATURE
     assert "verifier failed: KeyError" in v.detail
