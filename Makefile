@@ -8,7 +8,8 @@ RESULTS ?= test-results
 .PHONY: help setup setup-test run demo doctor test lint unit bench clean
 
 help:
-	@echo "make run     install what is missing, then run execguard (doctor + verification demo)"
+	@echo "make run     install what is missing, then run the agent in the foreground (default policy)"
+	@echo "make demo    a verification demo: keygen, sign, verify, tamper"
 	@echo "make test    install what is missing (incl. test tools), lint, run the whole suite"
 	@echo "make bench   run the benchmarks in bench/ (figures go in docs/performance.md)"
 	@echo "make lint    ruff + mypy"
@@ -20,8 +21,11 @@ setup:
 setup-test:
 	@WITH_TEST=1 ./scripts/setup.sh
 
+# The agent in the foreground on the embedded default policy (monitor mode: never blocks).
 run: setup
-	@$(EXECGUARD) doctor || true
+	$(EXECGUARD) run $(RUN_ARGS)
+
+demo: setup
 	@./scripts/demo.sh $(EXECGUARD)
 
 doctor: setup
