@@ -23,16 +23,12 @@ from agent.digest import Artifact
 from agent.errors import ExecguardError
 from agent.policy import decide, subject_of
 from agent.sensors import fanotify_sys as fs
+from agent.sensors.fanotify_scope import PSEUDO_FS, mounts
 
 FAN_CLOSE_WRITE = 0x00000008
 FAN_CLASS_NOTIF = 0x00000000
 ELF_MAGIC = b"\x7fELF"
 SIGNATURE_SUFFIXES = (".sig", ".sigstore.json", ".bundle")
-PSEUDO_FS = frozenset({
-    "proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "securityfs", "debugfs",
-    "tracefs", "bpf", "pstore", "mqueue", "hugetlbfs", "fusectl", "configfs", "autofs",
-    "binfmt_misc", "efivarfs", "nsfs", "rpc_pipefs", "overlay-internal",
-})
 
 OnResult = Callable[[str, FileIdentity, bool], None]
 
@@ -58,19 +54,12 @@ def signed_file(path: str) -> Optional[str]:
     return None
 
 
-def pseudo_mounts(mountinfo: str = "/proc/self/mountinfo") -> List[str]:
+def pseudo_mounts() -> List[str]:
     """Mount points of kernel pseudo filesystems: never walked."""
-    out = []
     try:
-        with open(mountinfo, encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                left, _, right = line.partition(" - ")
-                fields = left.split()
-                if len(fields) > 4 and right.split()[:1] and right.split()[0] in PSEUDO_FS:
-                    out.append(fields[4].replace("\\040", " "))
+        return [point for point, fstype in mounts() if fstype in PSEUDO_FS]
     except OSError:
-        pass
-    return out
+        return []
 
 
 def walk_elf_candidates(roots: Sequence[str], skip: Sequence[str], limit: int

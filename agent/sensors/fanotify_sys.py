@@ -1,4 +1,5 @@
-"""fanotify(7) system calls through ctypes: the constants and a side-effect-free mark probe.
+"""fanotify(7) system calls through ctypes: constants, group and mark calls, event parsing,
+responses, and the side-effect-free mark probe that `execguard doctor` runs.
 
 The probe marks one inode (a file it just created in a private directory), never a mount or
 a filesystem, so nothing else on the host can be held up by its permission mark. The group fd
@@ -11,21 +12,47 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import struct
 import tempfile
-from typing import NamedTuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
-# <linux/fanotify.h>
+# <linux/fanotify.h>: fanotify_init flags
 FAN_CLOEXEC = 0x00000001
 FAN_NONBLOCK = 0x00000002
 FAN_CLASS_CONTENT = 0x00000004
+FAN_UNLIMITED_QUEUE = 0x00000010
+FAN_UNLIMITED_MARKS = 0x00000020
+# fanotify_mark flags
 FAN_MARK_ADD = 0x00000001
+FAN_MARK_REMOVE = 0x00000002
+FAN_MARK_MOUNT = 0x00000010
+FAN_MARK_IGNORED_MASK = 0x00000020
+FAN_MARK_IGNORED_SURV_MODIFY = 0x00000040
+FAN_MARK_FILESYSTEM = 0x00000100
+# event masks
 FAN_OPEN_PERM = 0x00010000
 FAN_OPEN_EXEC_PERM = 0x00040000
+FAN_Q_OVERFLOW = 0x00004000
+# responses
+FAN_ALLOW = 0x01
+FAN_DENY = 0x02
+FAN_NOFD = -1
+FANOTIFY_METADATA_VERSION = 3
 
 AT_FDCWD = -100
 
 # glibc defines O_LARGEFILE as 0 on 64-bit; the kernel forces it there anyway.
 EVENT_F_FLAGS = os.O_RDONLY | getattr(os, "O_LARGEFILE", 0)
+
+# struct fanotify_event_metadata: event_len u32, vers u8, reserved u8, metadata_len u16,
+# mask u64 (8-aligned, at offset 8), fd s32, pid s32. 24 bytes, no padding.
+_METADATA = struct.Struct("=IBBHQii")
+METADATA_LEN = _METADATA.size
+# struct fanotify_response: fd s32, response u32.
+_RESPONSE = struct.Struct("=iI")
+
+# In order of preference.
+MASK_NAMES = {FAN_OPEN_EXEC_PERM: "FAN_OPEN_EXEC_PERM", FAN_OPEN_PERM: "FAN_OPEN_PERM"}
 
 
 class MarkResult(NamedTuple):
@@ -34,36 +61,123 @@ class MarkResult(NamedTuple):
     errno: int | None
 
 
+class Event(NamedTuple):
+    """One fanotify_event_metadata record; ``fd`` is an open fd the reader must close."""
+
+    mask: int
+    fd: int
+    pid: int
+
+
+_LIB: Optional[ctypes.CDLL] = None
+
+
 def _libc() -> ctypes.CDLL:
-    lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    lib.fanotify_init.argtypes = [ctypes.c_uint, ctypes.c_uint]
-    lib.fanotify_init.restype = ctypes.c_int
-    lib.fanotify_mark.argtypes = [
-        ctypes.c_int,
-        ctypes.c_uint,
-        ctypes.c_uint64,
-        ctypes.c_int,
-        ctypes.c_char_p,
-    ]
-    lib.fanotify_mark.restype = ctypes.c_int
-    return lib
+    global _LIB
+    if _LIB is None:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        lib.fanotify_init.argtypes = [ctypes.c_uint, ctypes.c_uint]
+        lib.fanotify_init.restype = ctypes.c_int
+        lib.fanotify_mark.argtypes = [
+            ctypes.c_int,
+            ctypes.c_uint,
+            ctypes.c_uint64,
+            ctypes.c_int,
+            ctypes.c_char_p,
+        ]
+        lib.fanotify_mark.restype = ctypes.c_int
+        _LIB = lib
+    return _LIB
+
+
+def _raise(what: str, path: Optional[str] = None) -> None:
+    code = ctypes.get_errno()
+    if path is None:
+        raise OSError(code, f"{what}: {os.strerror(code)}")
+    raise OSError(code, f"{what}: {os.strerror(code)}", path)
+
+
+def fanotify_init(flags: int, event_f_flags: int) -> int:
+    """fanotify_init(2); returns the group fd or raises OSError."""
+    fd = int(_libc().fanotify_init(flags, event_f_flags))
+    if fd < 0:
+        _raise("fanotify_init")
+    return fd
+
+
+def fanotify_mark(group_fd: int, flags: int, mask: int, dirfd: int, path: Optional[str]) -> None:
+    """fanotify_mark(2). With ``path`` None the object is the file ``dirfd`` refers to."""
+    raw = None if path is None else os.fsencode(path)
+    if _libc().fanotify_mark(group_fd, flags, mask, dirfd, raw) < 0:
+        _raise("fanotify_mark", path)
+
+
+def mark_mounts(group_fd: int, mounts: Sequence[str], masks: Sequence[int]) -> int:
+    """FAN_MARK_MOUNT on each mount with the first mask of ``masks`` the kernel accepts
+    (probe by trying: FAN_OPEN_EXEC_PERM is EINVAL before Linux 5.0); returns that mask."""
+    flags = FAN_MARK_ADD | FAN_MARK_MOUNT
+    chosen = 0
+    for mount in mounts:
+        for m in [chosen] if chosen else list(masks):
+            try:
+                fanotify_mark(group_fd, flags, m, AT_FDCWD, mount)
+            except OSError as e:
+                if chosen or e.errno != errno.EINVAL or m == masks[-1]:
+                    raise
+                continue
+            chosen = m
+            break
+    return chosen
+
+
+def ignore_mark(group_fd: int, mask: int, fd: int, add: bool = True) -> None:
+    """Add (or remove) an ignore mark on the file ``fd`` refers to. Never with
+    FAN_MARK_IGNORED_SURV_MODIFY: the kernel clears the mark when the content changes."""
+    flags = (FAN_MARK_ADD if add else FAN_MARK_REMOVE) | FAN_MARK_IGNORED_MASK
+    fanotify_mark(group_fd, flags, mask, fd, None)
+
+
+def parse_events(buf: bytes) -> Tuple[List[Event], str]:
+    """Split one read(2) of a group fd into events, and an error text ("" when none).
+
+    On a record the kernel should never produce (another metadata version, a bad length)
+    the events before it are still returned: the caller must answer them."""
+    events: List[Event] = []
+    off = 0
+    while off + METADATA_LEN <= len(buf):
+        event_len, vers, _res, _meta_len, mask, fd, pid = _METADATA.unpack_from(buf, off)
+        if vers != FANOTIFY_METADATA_VERSION or event_len < METADATA_LEN:
+            return events, (
+                f"fanotify event at offset {off}: metadata version {vers}, length "
+                f"{event_len} (this agent reads version {FANOTIFY_METADATA_VERSION})"
+            )
+        events.append(Event(mask, fd, pid))
+        off += event_len
+    if off != len(buf):
+        return events, f"fanotify read of {len(buf)} bytes ends inside an event"
+    return events, ""
+
+
+def respond(group_fd: int, event_fd: int, allow: bool) -> None:
+    """Answer a permission event. Raises OSError (ENOENT: no such pending event)."""
+    os.write(group_fd, _RESPONSE.pack(event_fd, FAN_ALLOW if allow else FAN_DENY))
 
 
 def try_permission_mark(mask: int) -> MarkResult:
     """Create a content-class group and add ``mask`` on a private file's inode, then undo it."""
-    lib = _libc()
     with tempfile.TemporaryDirectory(prefix="execguard-fan-probe-") as tmp:
         target = os.path.join(tmp, "target")
         with open(target, "wb"):
             pass
-        fd = lib.fanotify_init(FAN_CLASS_CONTENT | FAN_CLOEXEC | FAN_NONBLOCK, EVENT_F_FLAGS)
-        if fd < 0:
-            return MarkResult(False, "init", ctypes.get_errno())
         try:
-            rc = lib.fanotify_mark(fd, FAN_MARK_ADD, mask, AT_FDCWD, os.fsencode(target))
-            if rc < 0:
-                return MarkResult(False, "mark", ctypes.get_errno())
+            fd = fanotify_init(FAN_CLASS_CONTENT | FAN_CLOEXEC | FAN_NONBLOCK, EVENT_F_FLAGS)
+        except OSError as e:
+            return MarkResult(False, "init", e.errno)
+        try:
+            fanotify_mark(fd, FAN_MARK_ADD, mask, AT_FDCWD, target)
             return MarkResult(True, "done", None)
+        except OSError as e:
+            return MarkResult(False, "mark", e.errno)
         finally:
             # Closing the group removes its mark; nothing ever waits on an event.
             os.close(fd)

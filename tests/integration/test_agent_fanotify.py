@@ -1,0 +1,115 @@
+"""`execguard run` with the fanotify backend in enforce mode, scoped to a tmpfs the test owns:
+real fanotify, real auditd, real signed Go binaries (ARCHITECTURE.md decision 5 order)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.agent_fixtures import exec_file, running_agent, scoped_tmpfs, wait_for
+from tests.policy_fixtures import Material, copy_signed, material_fixture  # noqa: F401
+from tests.record_fixtures import auditd_running, run_tool, wait_in_log
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture
+def material(material_fixture: Material) -> Material:  # noqa: F811
+    return material_fixture
+
+
+def test_enforce_allows_signed_denies_unsigned_and_tampered(tmp_path: Path,
+                                                            material: Material) -> None:
+    with auditd_running() as auditd, scoped_tmpfs() as scope:
+        signed = copy_signed(material.bins["app"], scope / "ok", material.private["a"])
+        unsigned = copy_signed(material.bins["app"], scope / "bad", None)
+        with running_agent(tmp_path, "--mode", "enforce", "--scope", str(scope), "--key",
+                           str(material.keys["a"]), "--backend", "fanotify-exec") as agent:
+            status = agent.status()
+            assert status["backend"] == "fanotify-exec"
+            assert status["enforcement"] == "fanotify-deny"
+
+            ran = exec_file(signed)
+            assert ran.returncode == 0 and ran.stdout == "app\n"
+
+            denied = exec_file(unsigned)
+            assert denied.returncode == 126 and "Operation not permitted" in denied.stderr
+            record = agent.wait_decision(str(unsigned))[-1]
+            assert record["decision"] == "deny" and record["reason"] == "no-signature"
+            assert record["enforcement"] == "fanotify-deny" and record["rule_id"] == "go-signed"
+            wait_in_log(auditd.log_file, f'path="{unsigned}"')
+            found = run_tool("ausearch", "-m", "ANOM_EXEC", "-i", "-if", auditd.log_file)
+            assert str(unsigned) in found and "fanotify-deny" in found
+            # aureport lists it with the exec'ing program (this test's python) as the subject
+            report = run_tool("aureport", "--anomaly", "-if", auditd.log_file)
+            assert "ANOM_EXEC" in report and os.path.realpath(sys.executable) in report
+
+            # tampered after it was verified (and ignore-marked): asked again, denied
+            with open(signed, "ab") as fh:
+                fh.write(b"\0")
+            assert exec_file(signed).returncode == 126
+            assert agent.wait_decision(str(signed), 2)[-1]["reason"] == "bad-signature"
+
+            # deployed while the agent runs: signature first, then the binary
+            fresh_dir = scope / "fresh"
+            fresh_dir.mkdir()
+            staged = copy_signed(material.bins["app"], tmp_path / "stage", material.private["a"])
+            warmed = agent.status()["prewarm"]["verified"]
+            shutil.copy(f"{staged}.sig", fresh_dir / "app.sig")
+            shutil.copy(staged, fresh_dir / "app")  # keeps the x bits: no chmod (ctime) after
+            wait_for(lambda: agent.status()["prewarm"]["verified"] > warmed)
+            first = exec_file(fresh_dir / "app")
+            assert first.returncode == 0 and first.stdout == "app\n"
+            rec = agent.wait_decision(str(fresh_dir / "app"))[0]
+            assert rec["decision"] == "allow" and rec["source"] == "cache"  # pre-warmed
+
+            # outside the scope nothing is asked
+            assert exec_file(Path("/bin/true")).returncode == 0
+            assert not [d for d in agent.decisions() if d["event"]["path"] == "/usr/bin/true"]
+
+
+def test_monitor_mode_reports_but_never_blocks(tmp_path: Path, material: Material) -> None:
+    with scoped_tmpfs() as scope:
+        unsigned = copy_signed(material.bins["app"], scope, None)
+        with running_agent(tmp_path, "--mode", "monitor", "--scope", str(scope), "--key",
+                           str(material.keys["a"]), "--backend", "fanotify-exec",
+                           "--audit", "off") as agent:
+            assert agent.status()["enforcement"] == "monitor"
+            assert exec_file(unsigned).returncode == 0
+            rec = agent.wait_decision(str(unsigned))[-1]
+            assert rec["decision"] == "deny" and rec["enforcement"] == "monitor"
+
+
+def test_agent_killed_fails_open(tmp_path: Path, material: Material) -> None:
+    with scoped_tmpfs() as scope:
+        unsigned = copy_signed(material.bins["app"], scope, None)
+        with running_agent(tmp_path, "--mode", "enforce", "--scope", str(scope), "--key",
+                           str(material.keys["a"]), "--backend", "fanotify-exec",
+                           "--audit", "off") as agent:
+            assert exec_file(unsigned).returncode == 126
+            agent.proc.send_signal(signal.SIGKILL)
+            agent.proc.wait(timeout=10)
+            assert exec_file(unsigned, timeout=10).returncode == 0
+
+
+def test_agent_stopped_never_holds_an_exec_past_the_deadline(tmp_path: Path,
+                                                             material: Material) -> None:
+    with scoped_tmpfs() as scope:
+        unsigned = copy_signed(material.bins["app"], scope, None)
+        with running_agent(tmp_path, "--mode", "enforce", "--scope", str(scope), "--key",
+                           str(material.keys["a"]), "--backend", "fanotify-exec",
+                           "--audit", "off") as agent:
+            agent.proc.send_signal(signal.SIGSTOP)
+            started = time.monotonic()
+            result = exec_file(unsigned, timeout=15)
+            waited = time.monotonic() - started
+            # the watchdog killed the stalled agent; the kernel then allowed the exec
+            assert result.returncode == 0, result
+            assert waited < 5.0, f"exec waited {waited:.1f} s"
+            assert agent.proc.wait(timeout=10) == -signal.SIGKILL
