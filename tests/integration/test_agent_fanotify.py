@@ -3,20 +3,27 @@ real fanotify, real auditd, real signed Go binaries (ARCHITECTURE.md decision 5 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.agent_fixtures import exec_file, running_agent, scoped_tmpfs, wait_for
+from tests.agent_fixtures import REPO, exec_file, running_agent, scoped_tmpfs, wait_for
 from tests.policy_fixtures import Material, copy_signed, material_fixture  # noqa: F401
 from tests.record_fixtures import auditd_running, run_tool, wait_in_log
 
 pytestmark = pytest.mark.timeout(240)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True,
+                          text=True, timeout=60, cwd=str(REPO))
 
 
 @pytest.fixture
@@ -84,6 +91,22 @@ def test_monitor_mode_reports_but_never_blocks(tmp_path: Path, material: Materia
             assert exec_file(unsigned).returncode == 0
             rec = agent.wait_decision(str(unsigned))[-1]
             assert rec["decision"] == "deny" and rec["enforcement"] == "monitor"
+
+            # the operator's view: `status` over the control socket, `denials` over the log
+            st = cli("status", "--state-dir", str(agent.state_dir), "--json")
+            assert st.returncode == 0
+            status = json.loads(st.stdout)
+            for key in ("state", "backend", "enforcement", "policy", "cache", "decisions",
+                        "records_dropped", "sensor"):
+                assert key in status
+            assert status["decisions"]["decisions"]["would-deny"] >= 1
+            listed = cli("denials", "--log-dir", str(agent.log_dir), "--json")
+            assert listed.returncode == 0 and str(unsigned) in listed.stdout
+            record_id = json.loads(listed.stdout.splitlines()[-1])["id"]
+            explained = cli("denials", "--log-dir", str(agent.log_dir), "explain", record_id)
+            assert explained.returncode == 0 and "execguard verify" in explained.stdout
+        gone = cli("status", "--state-dir", str(agent.state_dir))
+        assert gone.returncode == 3 and "no agent" in gone.stdout
 
 
 def test_agent_killed_fails_open(tmp_path: Path, material: Material) -> None:
