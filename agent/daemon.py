@@ -123,6 +123,7 @@ class Agent:
         self.runner: Optional[Runner] = None
         self.control: Optional[ControlServer] = None
         self.prewarmer: Optional[Prewarmer] = None
+        self.decider: Decider  # made in start(), once the cache is loaded
         self._stop = threading.Event()
         self._reload = threading.Event()
 
