@@ -106,6 +106,7 @@ class Decider:
         entry = self.cache.lookup(identity, binding)
         if entry is not None and (entry.verdict.trusted or not _signature_since(
                 artifact.path, entry.sha256, trust, entry.verified_at_ns)):
+            artifact.known_digest("sha256", bytes.fromhex(entry.sha256))
             return entry.verdict, True
         verdict = verify_artifact(artifact, trust)
         # a file changed while it was verified is not cached

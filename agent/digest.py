@@ -86,6 +86,10 @@ class Artifact:
                 raise InputError(self.path, str(exc)) from None
         return self._digests[algorithm]
 
+    def known_digest(self, algorithm: str, digest: bytes) -> None:
+        """Record a digest known for this exact identity (the verdict cache): no re-hash."""
+        self._digests.setdefault(algorithm, digest)
+
     @property
     def sha256(self) -> bytes:
         return self.digest("sha256")
