@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 EXECGUARD := $(VENV)/bin/execguard
 RESULTS ?= test-results
 
-.PHONY: help setup setup-test run demo doctor test lint unit bench clean
+.PHONY: help setup setup-test run demo doctor test lint unit bench clean vagrant-validate
 
 help:
 	@echo "make run     install what is missing, then run the agent in the foreground (default policy)"
@@ -44,6 +44,11 @@ bench: setup-test
 	$(PY) bench/hash_throughput.py
 	$(PY) bench/verify_cost.py
 	$(PY) bench/bundle_verify.py
+	$(PY) bench/exec_overhead.py
+	$(PY) bench/exec_storm.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(RESULTS) *.egg-info
+
+vagrant-validate: setup-test
+	./scripts/vagrant-validate.sh
