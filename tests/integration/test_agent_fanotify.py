@@ -69,7 +69,11 @@ def test_enforce_allows_signed_denies_unsigned_and_tampered(tmp_path: Path,
             staged = copy_signed(material.bins["app"], tmp_path / "stage", material.private["a"])
             warmed = agent.status()["prewarm"]["verified"]
             shutil.copy(f"{staged}.sig", fresh_dir / "app.sig")
-            shutil.copy(staged, fresh_dir / "app")  # keeps the x bits: no chmod (ctime) after
+            # written with its final mode: a chmod after the close would change its ctime,
+            # and a changed file is (rightly) verified again at exec
+            fd = os.open(fresh_dir / "app", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o755)
+            with os.fdopen(fd, "wb") as out:
+                out.write(staged.read_bytes())
             wait_for(lambda: agent.status()["prewarm"]["verified"] > warmed)
             first = exec_file(fresh_dir / "app")
             assert first.returncode == 0 and first.stdout == "app\n"
