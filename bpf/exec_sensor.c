@@ -54,24 +54,17 @@ static __always_inline int eg_read_u32(__u32 *dst, const void *base, unsigned lo
 	return bpf_probe_read_kernel(dst, sizeof(*dst), (const char *)base + off);
 }
 
-RAW_TRACEPOINT_PROBE(sched_process_exec)
+/* Fill in the event and apply the verdict (and the kill) to it. Kept apart from the probe
+ * so that the ring-buffer record and the scratch slot (ring full) never share a pointer:
+ * older verifiers (6.1) cannot prove the reservation is released through such an alias. */
+static __always_inline void eg_fill_and_decide(struct eg_exec_event *e, const void *task,
+					       const void *bprm, int with_path)
 {
-	/* TP_PROTO(struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm) */
-	const void *task = (const void *)ctx->args[0];
-	const void *bprm = (const void *)ctx->args[2];
 	const void *file = NULL, *inode = NULL, *sb = NULL, *parent = NULL, *filename = NULL;
 	__u64 sec = 0, nsec = 0;
 	__u32 nsec32 = 0;
 	int err = 0, zero = 0;
 
-	eg_count(EG_STAT_EXECS);
-	struct eg_exec_event *ev = events.ringbuf_reserve(sizeof(struct eg_exec_event));
-	/* Decide even when the ring is full: a dropped event must not skip a kill. */
-	struct eg_exec_event *e = ev ? ev : scratch.lookup(&zero);
-	if (!e) {
-		eg_count(EG_STAT_DROPS);
-		return 0; /* cannot happen: array slot 0 always exists */
-	}
 	__builtin_memset(e, 0, sizeof(*e));
 
 	e->op = EG_MSG_EXEC;
@@ -92,7 +85,7 @@ RAW_TRACEPOINT_PROBE(sched_process_exec)
 
 	err |= bpf_probe_read_kernel(&filename, sizeof(filename),
 				     (const char *)bprm + EG_OFF_BPRM_FILENAME);
-	if (filename && ev)
+	if (filename && with_path)
 		bpf_probe_read_kernel_str(e->path, sizeof(e->path), filename);
 
 	err |= bpf_probe_read_kernel(&file, sizeof(file), (const char *)bprm + EG_OFF_BPRM_FILE);
@@ -147,14 +140,29 @@ RAW_TRACEPOINT_PROBE(sched_process_exec)
 		e->action = e->kill_err ? EG_ACT_KILL_FAILED : EG_ACT_KILLED;
 		eg_count(e->kill_err ? EG_STAT_KILL_FAILED : EG_STAT_KILLS);
 	}
+}
 
+RAW_TRACEPOINT_PROBE(sched_process_exec)
+{
+	/* TP_PROTO(struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm) */
+	const void *task = (const void *)ctx->args[0];
+	const void *bprm = (const void *)ctx->args[2];
+	int zero = 0;
+
+	eg_count(EG_STAT_EXECS);
+	struct eg_exec_event *ev = events.ringbuf_reserve(sizeof(struct eg_exec_event));
 	if (!ev) {
+		/* Decide even when the ring is full: a dropped event must not skip a kill. */
+		struct eg_exec_event *e = scratch.lookup(&zero);
 		eg_count(EG_STAT_DROPS);
+		if (e)
+			eg_fill_and_decide(e, task, bprm, 0);
 		return 0;
 	}
+	eg_fill_and_decide(ev, task, bprm, 1);
 	/* Wake the consumer only when it has work (an unknown file to verify) or a kill to
 	 * record; cache hits wait for its next poll tick (a wake-up costs ~20 us here). */
-	if (e->state == EG_STATE_ALLOW || (e->state == EG_STATE_DENY && e->action == EG_ACT_NONE))
+	if (ev->state == EG_STATE_ALLOW || (ev->state == EG_STATE_DENY && ev->action == EG_ACT_NONE))
 		events.ringbuf_submit(ev, BPF_RB_NO_WAKEUP);
 	else
 		events.ringbuf_submit(ev, BPF_RB_FORCE_WAKEUP);
