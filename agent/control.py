@@ -107,7 +107,9 @@ def request(path: str, cmd: str = "status", timeout: float = 3.0,
     sock.settimeout(timeout)
     try:
         sock.connect(path)
-        sock.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+        # a refusal may come before our request is read: still read the answer
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
         data = b""
         while not data.endswith(b"\n"):
             chunk = sock.recv(65536)

@@ -233,14 +233,14 @@ def _follow(args: argparse.Namespace, log_dir: str, query: Query) -> int:
     out.flush()
     matched = 0
     follower = Follower(log_dir, problems, from_start=args.since is not None)
-    print(f"execguard denials: following {log_dir} (interrupt to stop)", file=sys.stderr,
-          flush=True)
-    try:
+    try:  # announce inside the try: an interrupt right after the announcement is a stop
+        print(f"execguard denials: following {log_dir} (interrupt to stop)", file=sys.stderr,
+              flush=True)
         while not stop.is_set():
             for rec in follower.poll():
                 if query.matches(rec):
+                    matched += 1  # before emit: an interrupt right after a printed row
                     emit(rec)
-                    matched += 1
             out.flush()
             stop.wait(POLL_S)
     except KeyboardInterrupt:
