@@ -5,12 +5,13 @@ PY := $(VENV)/bin/python
 EXECGUARD := $(VENV)/bin/execguard
 RESULTS ?= test-results
 
-.PHONY: help setup setup-test run demo doctor test lint unit bench clean vagrant-validate
+.PHONY: help setup setup-test run demo doctor test host-test lint unit bench clean vagrant-validate
 
 help:
 	@echo "make run     install what is missing, then run the agent in the foreground (default policy)"
 	@echo "make demo    a verification demo: keygen, sign, verify, tamper"
 	@echo "make test    install what is missing (incl. test tools), lint, run the whole suite"
+	@echo "             (host tests, then the lockdown suite in a qemu VM: make vm-test)"
 	@echo "make bench   run the benchmarks in bench/ (figures go in docs/performance.md)"
 	@echo "make lint    ruff + mypy"
 	@echo "make clean   remove the venv and caches"
@@ -35,8 +36,11 @@ lint: setup-test
 	$(VENV)/bin/ruff check agent tests bench
 	$(VENV)/bin/mypy
 
+# The whole suite: lint, the host tests, then the lockdown suite in the test VM (vm.mk).
+test: host-test vm-test
+
 # pytest exits 5 when no test ran; make treats that as the failure it is.
-test: setup-test lint
+host-test: setup-test lint
 	@mkdir -p $(RESULTS)
 	$(VENV)/bin/pytest --junitxml=$(RESULTS)/junit.xml $(PYTEST_ARGS)
 
@@ -52,3 +56,5 @@ clean:
 
 vagrant-validate: setup-test
 	./scripts/vagrant-validate.sh
+
+include vm.mk
