@@ -16,8 +16,9 @@ import signal
 import subprocess
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Protocol, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Protocol, Set, Tuple
 
 from agent.decide import Decider
 from agent.decision import Decision, Enforcement, ExecEvent, FileIdentity, Source
@@ -597,13 +598,75 @@ def _key(identity: FileIdentity) -> Tuple[int, int, int, int]:
     return (identity.dev, identity.ino, identity.ctime_ns, identity.size)
 
 
-def make_runner(name: str, decider: Decider, record: Record) -> Runner:
+class NotifyAuditRunner:
+    """audit-only without BCC: fanotify notification events, which never block an exec. For
+    kernels where the exec sensor cannot load (no BTF, CentOS 7, lockdown=confidentiality)."""
+
+    name = "audit-only"
+    enforcement = Enforcement.AUDIT_ONLY
+
+    def __init__(self, decider: Decider, record: Record) -> None:
+        self.decider = decider
+        self.record = record
+        self._notifier: Any = None
+
+    def selftest(self) -> SelftestResult:
+        from agent.sensors.fanotify_notify import ExecNotifier
+
+        mnt = private_tmpfs()
+        seen: List[ExecEvent] = []
+        notifier = ExecNotifier([mnt], lambda ev, fd: seen.append(ev))
+        try:
+            canary = canary_into(mnt)
+            notifier.start()
+            ran = run_canary(canary)
+            deadline = time.monotonic() + 5
+            while not seen and time.monotonic() < deadline:
+                time.sleep(0.02)
+            st = os.stat(canary)
+        except (OSError, subprocess.SubprocessError, ExecguardError) as exc:
+            return SelftestResult(False, f"audit-only (fanotify) self-test failed: {exc}")
+        finally:
+            notifier.stop()
+            drop_tmpfs(mnt)
+        if ran != ("ran", 0) or not seen or \
+                (seen[0].identity.dev, seen[0].identity.ino) != (st.st_dev, st.st_ino):
+            return SelftestResult(False, f"audit-only (fanotify): canary {ran}, "
+                                  f"{len(seen)} event(s) seen")
+        return SelftestResult(True, f"audit-only via fanotify {notifier.name} notifications: "
+                              "canary exec seen with its identity")
+
+    def start(self) -> None:
+        from agent.sensors.fanotify_notify import ExecNotifier
+
+        snapshot = self.decider.store.current.snapshot
+        self._notifier = ExecNotifier(snapshot.scope_roots(), self._on_exec)
+        self._notifier.start()
+
+    def _on_exec(self, event: ExecEvent, fd: int) -> None:
+        self.record(self.decider.decide(event, fd, self.enforcement))
+
+    def remember(self, path: str, identity: FileIdentity, allow: bool) -> None:
+        """Nothing to do: audit-only consults the verdict cache at each exec."""
+
+    def stop(self) -> None:
+        if self._notifier is not None:
+            self._notifier.stop()
+
+    def stats(self) -> Dict[str, Any]:
+        return dict(self._notifier.stats()) if self._notifier is not None else {}
+
+
+def make_runners(name: str, decider: Decider, record: Record) -> List[Runner]:
+    """The runners that can serve ``name``, preferred first."""
     if name in ("fanotify-exec", "fanotify-open"):
-        return FanotifyRunner(name, decider, record)
-    if name in ("kill", "audit-only"):
-        return SensorRunner(name, decider, record)
+        return [FanotifyRunner(name, decider, record)]
+    if name == "kill":
+        return [SensorRunner(name, decider, record)]
+    if name == "audit-only":  # the BCC sensor where it loads, else fanotify notifications
+        return [SensorRunner(name, decider, record), NotifyAuditRunner(decider, record)]
     if name == "bpf-lsm":
-        return LsmRunner(name, decider, record)
+        return [LsmRunner(name, decider, record)]
     raise BackendUnavailable(f"the {name} backend is not built yet")
 
 
@@ -612,19 +675,20 @@ def start_backend(first: str, decider: Decider, record: Record,
     """Start ``first`` or, when its self-test fails, the next one down the preference order."""
     for name in PREFERENCE[PREFERENCE.index(first):]:
         try:
-            runner = make_runner(name, decider, record)
+            runners = make_runners(name, decider, record)
         except BackendUnavailable as exc:
             on_skip(name, str(exc))
             continue
-        result = runner.selftest()
-        if not result.ok:
-            on_skip(name, result.detail)
-            continue
-        try:
-            runner.start()
-        except (OSError, ExecguardError) as exc:
-            on_skip(name, f"{name} failed to start: {exc}")
-            runner.stop()
-            continue
-        return runner, result
+        for runner in runners:
+            result = runner.selftest()
+            if not result.ok:
+                on_skip(name, result.detail)
+                continue
+            try:
+                runner.start()
+            except (OSError, ExecguardError) as exc:
+                on_skip(name, f"{name} failed to start: {exc}")
+                runner.stop()
+                continue
+            return runner, result
     raise BackendUnavailable("no backend passed its self-test")
