@@ -255,18 +255,8 @@ class SensorRunner:
         self._thread.start()
 
     def _loop(self) -> None:
-        timeout = self.POLL_MS
-        while not self._stop.is_set():
-            try:
-                records = self._sensor.poll(timeout)
-            except Exception:  # a closed sensor at stop
-                return
-            for rec in records:
-                try:
-                    self._handle(rec)
-                except (OSError, ExecguardError):
-                    self._n["read_errors"] += 1
-            timeout = self.BUSY_POLL_MS if len(records) >= self.BUSY_RECORDS else self.POLL_MS
+        pump(self._sensor, self._stop, self._handle, self._n, "read_errors",
+             self.POLL_MS, self.BUSY_POLL_MS, self.BUSY_RECORDS)
 
     def _handle(self, rec: Any) -> None:
         from agent.sensors.decode import KernelAction, KernelState
@@ -343,6 +333,25 @@ class SensorRunner:
         if self._sensor is not None:
             out["sensor"] = self._sensor.stats().__dict__
         return out
+
+
+def pump(sensor: Any, stop: threading.Event, handle: Callable[[Any], None],
+         counts: Dict[str, Any], error_key: str, idle_ms: int, busy_ms: Optional[int] = None,
+         busy_records: int = 0) -> None:
+    """Poll a BCC sensor's ring until ``stop``; after a batch of ``busy_records`` or more the
+    next poll waits only ``busy_ms`` (a storm drains faster than the ring fills)."""
+    timeout = idle_ms
+    while not stop.is_set():
+        try:
+            records = sensor.poll(timeout)
+        except Exception:  # a closed sensor at stop
+            return
+        for rec in records:
+            try:
+                handle(rec)
+            except (OSError, ExecguardError):
+                counts[error_key] += 1
+        timeout = busy_ms if busy_ms is not None and len(records) >= busy_records else idle_ms
 
 
 def _open_exec_file(event: ExecEvent) -> Optional[int]:
@@ -506,16 +515,7 @@ class LsmRunner:
         return True
 
     def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                records = self._sensor.poll(self.POLL_MS)
-            except Exception:  # a closed sensor at stop
-                return
-            for rec in records:
-                try:
-                    self._handle(rec)
-                except (OSError, ExecguardError):
-                    self._n["errors"] += 1
+        pump(self._sensor, self._stop, self._handle, self._n, "errors", self.POLL_MS)
 
     def _handle(self, lrec: Any) -> None:
         from agent.sensors.decode import KernelState

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import stat
 import threading
 from dataclasses import dataclass
@@ -166,17 +165,7 @@ class Prewarmer:
 
     def _watch(self) -> None:
         _lower_priority()
-        while not self._stop.is_set():
-            ready, _, _ = select.select([self._group], [], [], 0.2)
-            if not ready:
-                continue
-            try:
-                data = os.read(self._group, 64 * 1024)
-            except BlockingIOError:
-                continue
-            except OSError:
-                return
-            events, _problem = fs.parse_events(data)
+        for events, _problem in fs.notification_batches(self._group, self._stop):
             for ev in events:
                 if ev.fd < 0:
                     continue

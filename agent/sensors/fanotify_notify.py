@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import os
-import select
 import threading
 from typing import Callable, Dict, Optional, Sequence
 
@@ -71,17 +70,7 @@ class ExecNotifier:
             return
 
     def _loop(self) -> None:
-        while not self._stop.is_set():
-            ready, _, _ = select.select([self._group], [], [], 0.2)
-            if not ready:
-                continue
-            try:
-                data = os.read(self._group, 64 * 1024)
-            except BlockingIOError:
-                continue
-            except OSError:
-                return
-            events, problem = fs.parse_events(data)
+        for events, problem in fs.notification_batches(self._group, self._stop):
             if problem:
                 self.counts["errors"] += 1
             for ev in events:

@@ -12,9 +12,11 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import select
 import struct
 import tempfile
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+import threading
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 # <linux/fanotify.h>: fanotify_init flags
 FAN_CLOEXEC = 0x00000001
@@ -187,3 +189,20 @@ def errno_name(code: int | None) -> str:
     if code is None:
         return "-"
     return f"{errno.errorcode.get(code, str(code))} ({os.strerror(code)})"
+
+
+def notification_batches(group_fd: int, stop: threading.Event, wait_s: float = 0.2
+                         ) -> Iterator[Tuple[List[Event], str]]:
+    """Batches of events from a non-blocking notification group until ``stop`` is set or
+    the group is closed; each as ``parse_events`` returns it (the caller closes every fd)."""
+    while not stop.is_set():
+        ready, _, _ = select.select([group_fd], [], [], wait_s)
+        if not ready:
+            continue
+        try:
+            data = os.read(group_fd, 64 * 1024)
+        except BlockingIOError:
+            continue
+        except OSError:
+            return
+        yield parse_events(data)
