@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, TextIO
+from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO
 
 from agent import __version__
 from agent.backends import PREFERENCE, BackendUnavailable, Runner, start_backend
@@ -126,6 +126,11 @@ class Agent:
         self.decider: Decider  # made in start(), once the cache is loaded
         self._stop = threading.Event()
         self._reload = threading.Event()
+        # control-socket verbs: each feature registers its own (status, policy-apply, ...)
+        self.commands: Dict[str, Callable[[Dict[str, Any]], Dict[str, Any]]] = {
+            "status": self.status}
+        # called from the main loop about every 0.2 s with time.monotonic(); must not block
+        self.tickers: List[Callable[[float], None]] = []
 
     # -- wiring -----------------------------------------------------------------------
     def record(self, d: Decision) -> None:
@@ -136,9 +141,15 @@ class Agent:
     def say(self, text: str) -> None:
         self.console.line(f"execguard: {text}")
 
+    def handle(self, request: Dict[str, Any]) -> Dict[str, Any]:
+        """One control-socket request: dispatch on ``cmd`` (default ``status``)."""
+        cmd = request.get("cmd", "status")
+        handler = self.commands.get(cmd) if isinstance(cmd, str) else None
+        if handler is None:
+            return {"error": f"unknown command {cmd!r} (known: {', '.join(sorted(self.commands))})"}
+        return handler(request)
+
     def status(self, request: Dict[str, Any]) -> Dict[str, Any]:
-        if request.get("cmd", "status") != "status":
-            return {"error": f"unknown command {request.get('cmd')!r}"}
         snap = self.decider.store.current.snapshot
         st = self.status_state
         runner = self.runner
@@ -191,7 +202,7 @@ class Agent:
         for warning in report.warnings:
             self.say(f"WARNING: {warning}")
         self.decider = Decider(PolicyStore(snap), cache)
-        self.control = ControlServer(socket_path(snap.state_dir), self.status)
+        self.control = ControlServer(socket_path(snap.state_dir), self.handle)
         self.control.start()
         self._start_backend()
         if self.opts.prewarm and self.runner is not None:
@@ -286,6 +297,11 @@ class Agent:
                 if now >= next_flush:
                     self.decider.cache.flush()
                     next_flush = now + FLUSH_EVERY_S
+                for tick in self.tickers:
+                    try:
+                        tick(now)
+                    except Exception as exc:  # one feature's bug must not stop decisions
+                        self.say(f"WARNING: {getattr(tick, '__qualname__', tick)}: {exc!r}")
         except (BackendUnavailable, ControlError, ExecguardError, OSError) as exc:
             why = f"failed: {exc}"
             print(f"execguard run: {exc}", file=sys.stderr)
