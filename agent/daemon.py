@@ -131,6 +131,12 @@ class Agent:
             "status": self.status}
         # called from the main loop about every 0.2 s with time.monotonic(); must not block
         self.tickers: List[Callable[[float], None]] = []
+        # called after every policy swap with the new effective snapshot (runners re-arm the
+        # kernel's view: mode, verdict maps); must not block
+        self.policy_hooks: List[Callable[[PolicySnapshot], None]] = []
+        # the policy as loaded (file or bundle, CLI overrides applied); ``effective`` derives
+        # what the store holds from it (break-glass forces monitor on top of it)
+        self.base_snapshot = self.snapshot
 
     # -- wiring -----------------------------------------------------------------------
     def record(self, d: Decision) -> None:
@@ -247,9 +253,27 @@ class Agent:
         self.say(f"backend {runner.name} ({result.detail}); mode {self.snapshot.mode.value}; "
                  f"scopes {', '.join(self.snapshot.scope_roots())}; state {st.state}")
 
+    def effective(self, base: PolicySnapshot) -> PolicySnapshot:
+        """The snapshot deciders use for ``base``: hook for temporary overlays."""
+        return base
+
+    def install_policy(self, base: PolicySnapshot) -> PolicySnapshot:
+        """Swap in ``base`` (already validated) atomically, then tell the runners."""
+        effective = self.effective(base)
+        self.decider.store.reload(lambda: effective)
+        self.base_snapshot = base
+        for hook in self.policy_hooks:
+            try:
+                hook(effective)
+            except Exception as exc:  # the swap is done; a runner failing to re-arm is loud
+                self.say(f"WARNING: policy hook {getattr(hook, '__qualname__', hook)}: "
+                         f"{exc!r}")
+                self.status_state.warnings.append(f"policy hook failed: {exc!r}")
+        return effective
+
     def reload(self) -> None:
         try:
-            self.decider.store.reload(lambda: load_snapshot(self.opts))
+            self.install_policy(load_snapshot(self.opts))
         except ExecguardError as exc:
             self.say(f"policy reload refused, the current policy stays: {exc}")
             assert self.recorder is not None
