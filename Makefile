@@ -6,6 +6,7 @@ EXECGUARD := $(VENV)/bin/execguard
 RESULTS ?= test-results
 
 .PHONY: help setup setup-test run demo doctor test host-test lint unit bench clean vagrant-validate
+.PHONY: install uninstall
 
 help:
 	@echo "make run     install what is missing, then run the agent in the foreground (default policy)"
@@ -15,6 +16,8 @@ help:
 	@echo "make bench   run the benchmarks in bench/ (figures go in docs/performance.md)"
 	@echo "make lint    ruff + mypy"
 	@echo "make clean   remove the venv and caches"
+	@echo "make install the agent in \$$(PREFIX) (/opt/execguard) + execguard.service (docs/service.md);"
+	@echo "             DESTDIR, PREFIX, UNITDIR, SYSCONFDIR respected; make uninstall"
 
 setup:
 	@./scripts/setup.sh
@@ -50,6 +53,18 @@ bench: setup-test
 	$(PY) bench/bundle_verify.py
 	$(PY) bench/exec_overhead.py
 	$(PY) bench/exec_storm.py
+
+# The service (docs/service.md): a venv with the agent, the unit, /etc/default/execguard.
+PREFIX ?= /opt/execguard
+UNITDIR ?= /etc/systemd/system
+SYSCONFDIR ?= /etc
+INSTALL_ENV = DESTDIR="$(DESTDIR)" PREFIX="$(PREFIX)" UNITDIR="$(UNITDIR)" SYSCONFDIR="$(SYSCONFDIR)"
+
+install: setup
+	@$(INSTALL_ENV) ./scripts/install.sh install
+
+uninstall:
+	@$(INSTALL_ENV) ./scripts/install.sh uninstall
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(RESULTS) *.egg-info

@@ -23,7 +23,8 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Set, Tuple
 from agent.decide import Decider
 from agent.decision import Decision, Enforcement, ExecEvent, FileIdentity, Source
 from agent.errors import ExecguardError, Reason
-from agent.policy import Action, Mode
+from agent.heartbeat import Heartbeat
+from agent.policy import Action, Mode, PolicySnapshot
 
 Record = Callable[[Decision], None]
 PREFERENCE = ("bpf-lsm", "fmod-ret", "fanotify-exec", "fanotify-open", "kill", "audit-only")
@@ -45,6 +46,7 @@ class Runner(Protocol):
     def start(self) -> None: ...
     def stop(self) -> None: ...
     def remember(self, path: str, identity: FileIdentity, allow: bool) -> None: ...
+    def policy_changed(self, snapshot: PolicySnapshot) -> None: ...
     def stats(self) -> Dict[str, Any]: ...
 
 
@@ -102,6 +104,8 @@ class FanotifyRunner:
         self._lock = threading.Lock()
         self._backend: Any = None
         self._watchdog: Any = None
+        self._scopes: Tuple[str, ...] = ()
+        self._swaps = 0  # policy swaps re-armed
 
     def selftest(self) -> SelftestResult:
         from agent.sensors.fanotify_backend import FanotifyBackend
@@ -127,17 +131,33 @@ class FanotifyRunner:
         return SelftestResult(True, f"{self.name}: canary denied with EPERM, then allowed")
 
     def start(self) -> None:
-        from agent.sensors.fanotify_backend import FanotifyBackend
         from agent.sensors.fanotify_watchdog import Watchdog
 
         snapshot = self.decider.store.current.snapshot
         deadline = snapshot.limits.decision_deadline_ms / 1000
         self._watchdog = Watchdog.spawn(stall_s=deadline)
-        self._backend = FanotifyBackend(
-            snapshot.scope_roots(), self._decide, deadline,
-            snapshot.effective_on_timeout is Action.ALLOW, [self._watchdog.pid],
-            observer=self._observe, heartbeat_fd=self._watchdog.heartbeat_fd, mask=self.mask)
+        self._backend = self._make_backend(snapshot)
         self._backend.start()
+
+    def _make_backend(self, snapshot: PolicySnapshot) -> Any:
+        from agent.sensors.fanotify_backend import FanotifyBackend
+
+        self._scopes = tuple(snapshot.scope_roots())
+        # rules on the caller's uid/gid: an ignore mark would let every caller skip them
+        self._per_file = not snapshot.caller_dependent
+        return FanotifyBackend(
+            snapshot.scope_roots(), self._decide, snapshot.limits.decision_deadline_ms / 1000,
+            snapshot.effective_on_timeout is Action.ALLOW, [self._watchdog.pid],
+            observer=self._observe, heartbeat_fd=self._watchdog.heartbeat_fd, mask=self.mask,
+            ignore_marks=self._per_file)
+
+    def _remark(self, snapshot: PolicySnapshot) -> None:
+        """Other scopes: a new group marks the new mounts (and holds no ignore mark) before
+        the old one goes, so no exec in either scope is left unwatched in between."""
+        old, new = self._backend, self._make_backend(snapshot)
+        new.start()
+        self._backend = new
+        old.stop()
 
     def _decide(self, event: ExecEvent, fd: int) -> bool:
         decision = self.decider.decide(_with_exe(event), fd, self.enforcement)
@@ -172,6 +192,28 @@ class FanotifyRunner:
     def remember(self, path: str, identity: FileIdentity, allow: bool) -> None:
         """Nothing to do: the fanotify path consults the verdict cache at exec time."""
 
+    def policy_changed(self, snapshot: PolicySnapshot) -> None:
+        """A policy hook: files allowed under the old policy are asked again (their ignore
+        marks would otherwise let them run past a revocation)."""
+        if self._backend is not None:
+            if (tuple(snapshot.scope_roots()) != self._scopes
+                    or snapshot.caller_dependent == self._per_file):
+                self._remark(snapshot)
+            else:
+                self._backend.forget_allowed()
+            self._swaps += 1
+
+    def alive(self, max_silence_s: float) -> Optional[str]:
+        """None while the fanotify loop turns (the service watchdog's proof), else why not."""
+        backend = self._backend
+        if backend is None:
+            return f"{self.name}: not started"
+        state = backend.stats().get("state")
+        if state != "running":
+            return f"{self.name}: fanotify loop {state}"
+        beat: Heartbeat = backend.heartbeat
+        return beat.check(max_silence_s)
+
     def stop(self) -> None:
         if self._backend is not None:
             self._backend.stop()
@@ -179,7 +221,9 @@ class FanotifyRunner:
             self._watchdog.close()
 
     def stats(self) -> Dict[str, Any]:
-        return dict(self._backend.stats()) if self._backend is not None else {}
+        out: Dict[str, Any] = dict(self._backend.stats()) if self._backend is not None else {}
+        out["policy_swaps"] = self._swaps
+        return out
 
 
 def _with_exe(event: ExecEvent) -> ExecEvent:
@@ -192,6 +236,50 @@ def _with_exe(event: ExecEvent) -> ExecEvent:
 
 def _replace(decision: Decision, **changes: Any) -> Decision:
     return Decision(**{**decision.__dict__, **changes})
+
+
+def _map_allows(decision: Decision, mode: Mode) -> bool:
+    """The kernel verdict map's entry: a denial by a monitor rule of an enforce policy is
+    recorded, not blocked, so the kernel must let the file run too."""
+    return decision.allow or (mode is Mode.ENFORCE and decision.enforcement is Enforcement.MONITOR)
+
+
+class _KernelVerdicts:
+    """A BCC runner's kernel verdict map across policy swaps. ``reset`` drops every verdict
+    and starts a new generation; ``write`` stores a verdict only if no swap happened since
+    the caller read ``generation`` (before deciding), so a decision made under the old
+    policy never lands in the map after the swap emptied it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.generation = 0
+
+    def write(self, sensor: Any, identity: FileIdentity, allow: bool, generation: int) -> bool:
+        with self._lock:
+            if generation != self.generation:
+                return False
+            sensor.set_verdict(identity, allow)
+            return True
+
+    def reset(self, sensor: Any) -> int:
+        with self._lock:
+            self.generation += 1
+            return int(sensor.clear_verdicts())
+
+
+def _whole_devices(snapshot: PolicySnapshot) -> Set[int]:
+    """The devices the kernel enforces on: scope roots that are mount points (a tmpfs, a
+    dedicated disk), never "/"."""
+    return {os.stat(root).st_dev for root in snapshot.scope_roots()
+            if root != "/" and os.path.ismount(root)}
+
+
+def _rescope(sensor: Any, snapshot: PolicySnapshot) -> None:
+    want = _whole_devices(snapshot)
+    for dev in want - sensor.scope:
+        sensor.add_scope_dev(dev)
+    for dev in sensor.scope - want:
+        sensor.remove_scope_dev(dev)
 
 
 class SensorRunner:
@@ -214,10 +302,12 @@ class SensorRunner:
         self._sensor: Any = None
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self.heartbeat = Heartbeat(f"{name} ring poll")
         self._recorded: Set[FileIdentity] = set()  # files whose kernel-map allow is logged
+        self._kv = _KernelVerdicts()
         self._n: Dict[str, int] = dict.fromkeys(
             ("records", "kernel_hits", "out_of_scope", "decided", "agent_kills", "vanished",
-             "read_errors"), 0)
+             "read_errors", "policy_swaps", "verdicts_dropped"), 0)
 
     def _open_sensor(self) -> Any:
         if self._sensor is None:
@@ -245,9 +335,7 @@ class SensorRunner:
         if self.enforcing():
             # the kernel kills only on devices the policy covers whole: a scope root that is
             # a mount point; other scopes get the agent's own (later) kill
-            for root in self.decider.store.current.snapshot.scope_roots():
-                if os.path.ismount(root) and root != "/":
-                    sensor.add_scope_dev(os.stat(root).st_dev)
+            _rescope(sensor, self.decider.store.current.snapshot)
             sensor.set_mode(kill=True, deny_unknown=True)
         else:
             sensor.set_mode(kill=False, deny_unknown=False)
@@ -256,7 +344,7 @@ class SensorRunner:
 
     def _loop(self) -> None:
         pump(self._sensor, self._stop, self._handle, self._n, "read_errors",
-             self.POLL_MS, self.BUSY_POLL_MS, self.BUSY_RECORDS)
+             self.POLL_MS, self.BUSY_POLL_MS, self.BUSY_RECORDS, heartbeat=self.heartbeat)
 
     def _handle(self, rec: Any) -> None:
         from agent.sensors.decode import KernelAction, KernelState
@@ -283,6 +371,7 @@ class SensorRunner:
         if not snapshot.in_scope(event.path) and rec.action is KernelAction.NONE:
             self._n["out_of_scope"] += 1  # the sensor sees every exec on the host
             return
+        generation = self._kv.generation
         fd = _open_exec_file(event)
         if fd is None:
             self._n["vanished"] += 1
@@ -298,7 +387,8 @@ class SensorRunner:
             os.close(fd)
         self._n["decided"] += 1
         if snapshot.in_scope(event.path) and self.kill:
-            self._sensor.set_verdict(event.identity, decision.allow)
+            self._kv.write(self._sensor, event.identity, _map_allows(decision, snapshot.mode),
+                           generation)
         if rec.action is KernelAction.KILLED:
             if decision.allow:  # killed as unknown; trusted now, so the next exec runs
                 decision = _replace(decision, allow=False, reason=Reason.UNVERIFIED,
@@ -316,10 +406,32 @@ class SensorRunner:
                 decision = _replace(decision, extra={"killed_by": "nobody: it had exited"})
         self.record(decision)
 
+    def alive(self, max_silence_s: float) -> Optional[str]:
+        """None while the ring poll loop turns (the service watchdog's proof), else why not."""
+        if self._thread is None or not self._thread.is_alive():
+            return f"{self.heartbeat.name} thread not running"
+        return self.heartbeat.check(max_silence_s)
+
     def remember(self, path: str, identity: FileIdentity, allow: bool) -> None:
         if self.kill and self._sensor is not None and \
                 self.decider.store.current.snapshot.in_scope(path):
-            self._sensor.set_verdict(identity, allow)
+            self._kv.write(self._sensor, identity, allow, self._kv.generation)
+
+    def policy_changed(self, snapshot: PolicySnapshot) -> None:
+        """A policy hook: kills follow the new mode and scope, and the kernel forgets every
+        verdict decided under the old policy (each file is decided again at its next exec)."""
+        sensor = self._sensor
+        if sensor is None:
+            return
+        kill = self.kill and snapshot.mode is Mode.ENFORCE
+        if not kill:
+            sensor.set_mode(kill=False, deny_unknown=False)  # loosen before anything else
+        self._n["verdicts_dropped"] += self._kv.reset(sensor)
+        self._recorded.clear()
+        if self.kill:
+            _rescope(sensor, snapshot)
+        sensor.set_mode(kill=kill, deny_unknown=kill)
+        self._n["policy_swaps"] += 1
 
     def stop(self) -> None:
         self._stop.set()
@@ -337,11 +449,14 @@ class SensorRunner:
 
 def pump(sensor: Any, stop: threading.Event, handle: Callable[[Any], None],
          counts: Dict[str, Any], error_key: str, idle_ms: int, busy_ms: Optional[int] = None,
-         busy_records: int = 0) -> None:
+         busy_records: int = 0, heartbeat: Optional[Heartbeat] = None) -> None:
     """Poll a BCC sensor's ring until ``stop``; after a batch of ``busy_records`` or more the
-    next poll waits only ``busy_ms`` (a storm drains faster than the ring fills)."""
+    next poll waits only ``busy_ms`` (a storm drains faster than the ring fills). The
+    heartbeat beats at every poll and after every record: progress, not mere life."""
     timeout = idle_ms
     while not stop.is_set():
+        if heartbeat is not None:
+            heartbeat.beat()
         try:
             records = sensor.poll(timeout)
         except Exception:  # a closed sensor at stop
@@ -351,6 +466,8 @@ def pump(sensor: Any, stop: threading.Event, handle: Callable[[Any], None],
                 handle(rec)
             except (OSError, ExecguardError):
                 counts[error_key] += 1
+            if heartbeat is not None:
+                heartbeat.beat()
         timeout = busy_ms if busy_ms is not None and len(records) >= busy_records else idle_ms
 
 
@@ -401,11 +518,14 @@ class LsmRunner:
     RING_PAGES = 256
     HELD_MAX = 4096  # fanotify decisions waiting for the kernel's record of the same exec
     RECORDED_MAX = 65536  # file versions whose allow hit is already in the decision log
+    ENFORCEMENT = Enforcement.LSM_DENY
+    # the canary ran although unknown: the program attached, yet never ran
+    NEVER_RAN = "the hook attached but never ran (is bpf in /sys/kernel/security/lsm?)"
 
     def __init__(self, name: str, decider: Decider, record: Record,
                  fanotify: bool = True) -> None:
         self.name = name
-        self.enforcement = Enforcement.LSM_DENY
+        self.enforcement = self.ENFORCEMENT
         self.decider = decider
         self.record = record
         self.use_fanotify = fanotify
@@ -414,20 +534,26 @@ class LsmRunner:
         self._held: Dict[Tuple[int, int, int, int], Decision] = {}
         self._recorded: Set[FileIdentity] = set()
         self._lock = threading.Lock()
+        self._kv = _KernelVerdicts()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self.heartbeat = Heartbeat(f"{name} ring poll")
         self._n: Dict[str, Any] = dict.fromkeys(
             ("records", "kernel_hits", "kernel_denials", "decided", "filled_by_fanotify",
-             "vanished", "errors"), 0)
+             "vanished", "errors", "policy_swaps", "verdicts_dropped"), 0)
         self._n["fanotify"] = "off"
 
     def _open_sensor(self) -> Any:
         if self._sensor is None:
             from agent.sensors.bpf_exec import SensorConfig
-            from agent.sensors.bpf_lsm import BpfLsmSensor
 
-            self._sensor = BpfLsmSensor(SensorConfig(ringbuf_pages=self.RING_PAGES))
+            self._sensor = self._new_sensor(SensorConfig(ringbuf_pages=self.RING_PAGES))
         return self._sensor
+
+    def _new_sensor(self, config: Any) -> Any:
+        from agent.sensors.bpf_lsm import BpfLsmSensor
+
+        return BpfLsmSensor(config)
 
     def selftest(self) -> SelftestResult:
         """Canary on a private tmpfs: unknown -> EPERM, allowed -> runs; and the kernel's
@@ -459,8 +585,7 @@ class LsmRunner:
             drop_tmpfs(mnt)
         if denied == ("ran", 0):
             return SelftestResult(False, f"{self.name} self-test: the canary ran although "
-                                  "unknown: the hook attached but never ran (is bpf in "
-                                  "/sys/kernel/security/lsm?)")
+                                  f"unknown: {self.NEVER_RAN}")
         if denied[0] != "eperm" or allowed != ("ran", 0):
             return SelftestResult(False, f"{self.name} self-test: canary unknown -> {denied}, "
                                   f"allowed -> {allowed}")
@@ -480,33 +605,64 @@ class LsmRunner:
 
     def start(self) -> None:
         sensor = self._open_sensor()
-        snapshot = self.decider.store.current.snapshot
         # whole devices only: a scope root that is a mount point (a tmpfs, a dedicated disk)
-        for root in snapshot.scope_roots():
-            if os.path.ismount(root) and root != "/":
-                sensor.add_scope_dev(os.stat(root).st_dev)
+        _rescope(sensor, self.decider.store.current.snapshot)
         enforce = self.enforcing()
+        if enforce:
+            self._start_feeder()
         sensor.set_mode(enforce=enforce, deny_unknown=enforce)
-        self._thread = threading.Thread(target=self._loop, name="bpf-lsm-poll", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=f"{self.name}-poll",
+                                        daemon=True)
         self._thread.start()
-        if enforce and self.use_fanotify:
-            feeder = _FanotifyFeeder(self)
-            try:
-                feeder.start()
-            except (OSError, ExecguardError) as exc:  # no FAN_OPEN_EXEC_PERM: async fill only
-                feeder.stop()
-                self._n["fanotify"] = f"unavailable: {exc}"
-                return
-            self._feeder, self._n["fanotify"] = feeder, "on"
+
+    def _start_feeder(self) -> None:
+        if not self.use_fanotify or self._feeder is not None:
+            return
+        feeder = _FanotifyFeeder(self)
+        try:
+            feeder.start()
+        except (OSError, ExecguardError) as exc:  # no FAN_OPEN_EXEC_PERM: async fill only
+            feeder.stop()
+            self._n["fanotify"] = f"unavailable: {exc}"
+            return
+        self._feeder, self._n["fanotify"] = feeder, "on"
+
+    def policy_changed(self, snapshot: PolicySnapshot) -> None:
+        """A policy hook: re-arm the kernel. Every verdict decided under the old policy is
+        dropped (the fanotify fill, or the poll thread, decides each file again at its next
+        exec), and the mode and the scoped devices follow the new policy. The fanotify
+        feeder's ignore marks go after the map is emptied, so a file whose exec raced the
+        swap is at worst denied once as unverified, never allowed on an old verdict."""
+        sensor = self._sensor
+        if sensor is None:
+            return
+        enforce = snapshot.mode is Mode.ENFORCE
+        if not enforce:
+            sensor.set_mode(enforce=False, deny_unknown=False)  # loosen before anything else
+        self._n["verdicts_dropped"] += self._kv.reset(sensor)
+        with self._lock:
+            self._held.clear()  # decisions held for records were made under the old policy
+        self._recorded.clear()
+        _rescope(sensor, snapshot)
+        if self._feeder is not None:
+            self._feeder.policy_changed(snapshot)  # no ignore marks (new marks if scopes moved)
+        elif enforce:
+            self._start_feeder()  # monitor -> enforce: first-seen files are verified at open
+        sensor.set_mode(enforce=enforce, deny_unknown=enforce)
+        self._n["policy_swaps"] += 1
 
     def fill(self, event: ExecEvent, fd: int) -> bool:
         """Verify a file the LSM covers and write its verdict before fanotify answers.
         False when the LSM does not cover it (fanotify then enforces itself)."""
         if not self.covers(event.identity):
             return False
-        ident = _identity(os.fstat(fd))  # the stamp of what is verified, taken before it
-        decision = self.decider.decide(event, fd, self.enforcement)
-        self._sensor.set_verdict(ident, decision.allow)
+        for _attempt in range(3):  # a policy swap during the decision: decide again
+            generation = self._kv.generation
+            ident = _identity(os.fstat(fd))  # the stamp of what is verified, taken before it
+            decision = self.decider.decide(event, fd, self.enforcement)
+            allow = _map_allows(decision, self.decider.store.current.snapshot.mode)
+            if self._kv.write(self._sensor, ident, allow, generation):
+                break
         with self._lock:
             if len(self._held) >= self.HELD_MAX:
                 self._held.clear()  # execs that never reached the hook; their records go
@@ -515,7 +671,8 @@ class LsmRunner:
         return True
 
     def _loop(self) -> None:
-        pump(self._sensor, self._stop, self._handle, self._n, "errors", self.POLL_MS)
+        pump(self._sensor, self._stop, self._handle, self._n, "errors", self.POLL_MS,
+             heartbeat=self.heartbeat)
 
     def _handle(self, lrec: Any) -> None:
         from agent.sensors.decode import KernelState
@@ -551,13 +708,14 @@ class LsmRunner:
                                  self.enforcement if eperm else Enforcement.NONE,
                                  Source.DEFAULT, policy_version=snapshot.version))
             return
+        generation = self._kv.generation
         try:
             ident = _identity(os.fstat(fd))
             decision = self.decider.decide(event, fd, self.enforcement)
         finally:
             os.close(fd)
         self._n["decided"] += 1
-        self._sensor.set_verdict(ident, decision.allow)
+        self._kv.write(self._sensor, ident, _map_allows(decision, snapshot.mode), generation)
         if eperm and decision.allow:  # denied as unknown; trusted now, so the next exec runs
             decision = _replace(decision, allow=False, reason=Reason.UNVERIFIED,
                                 enforcement=self.enforcement,
@@ -567,10 +725,19 @@ class LsmRunner:
             decision = _replace(decision, enforcement=self.enforcement)
         self.record(decision)
 
+    def alive(self, max_silence_s: float) -> Optional[str]:
+        """None while the ring poll loop (and the fanotify feeder, when on) turn."""
+        if self._thread is None or not self._thread.is_alive():
+            return "bpf-lsm ring poll thread not running"
+        why = self.heartbeat.check(max_silence_s)
+        if why is None and self._feeder is not None:
+            why = self._feeder.alive(max_silence_s)
+        return why
+
     def remember(self, path: str, identity: FileIdentity, allow: bool) -> None:
         """The pre-scan and close-after-write verdicts: into the map before the first exec."""
         if self.covers(identity) and self.decider.store.current.snapshot.in_scope(path):
-            self._sensor.set_verdict(identity, allow)
+            self._kv.write(self._sensor, identity, allow, self._kv.generation)
 
     def stop(self) -> None:
         self._stop.set()
@@ -588,6 +755,19 @@ class LsmRunner:
         if self._feeder is not None:
             out["fanotify_stats"] = self._feeder.stats()
         return out
+
+
+class FmodRetRunner(LsmRunner):
+    """fmod_ret on security_bprm_check: the BPF LSM backend's verdict map, logic and fanotify
+    fill, through a tracing program, for kernels where bpf is not an active LSM."""
+
+    ENFORCEMENT = Enforcement.FMOD_RET_DENY
+    NEVER_RAN = "the fmod_ret program attached but never ran"
+
+    def _new_sensor(self, config: Any) -> Any:
+        from agent.sensors.bpf_fmod_ret import BpfFmodRetSensor
+
+        return BpfFmodRetSensor(config)
 
 
 def _identity(st: os.stat_result) -> FileIdentity:
@@ -609,6 +789,7 @@ class NotifyAuditRunner:
         self.decider = decider
         self.record = record
         self._notifier: Any = None
+        self._scopes: Tuple[str, ...] = ()
 
     def selftest(self) -> SelftestResult:
         from agent.sensors.fanotify_notify import ExecNotifier
@@ -640,6 +821,7 @@ class NotifyAuditRunner:
         from agent.sensors.fanotify_notify import ExecNotifier
 
         snapshot = self.decider.store.current.snapshot
+        self._scopes = tuple(snapshot.scope_roots())
         self._notifier = ExecNotifier(snapshot.scope_roots(), self._on_exec)
         self._notifier.start()
 
@@ -648,6 +830,26 @@ class NotifyAuditRunner:
 
     def remember(self, path: str, identity: FileIdentity, allow: bool) -> None:
         """Nothing to do: audit-only consults the verdict cache at each exec."""
+
+    def policy_changed(self, snapshot: PolicySnapshot) -> None:
+        """Each exec is decided under the current policy already; other scopes need other
+        marks: the new notifier starts before the old one stops."""
+        from agent.sensors.fanotify_notify import ExecNotifier
+
+        old = self._notifier
+        if old is None or tuple(snapshot.scope_roots()) == self._scopes:
+            return
+        new = ExecNotifier(snapshot.scope_roots(), self._on_exec)
+        new.start()
+        self._notifier, self._scopes = new, tuple(snapshot.scope_roots())
+        old.stop()
+
+    def alive(self, max_silence_s: float) -> Optional[str]:
+        """None while the notification loop turns (the service watchdog's proof)."""
+        if self._notifier is None:
+            return "audit-only (fanotify): not started"
+        beat: Heartbeat = self._notifier.heartbeat
+        return beat.check(max_silence_s)
 
     def stop(self) -> None:
         if self._notifier is not None:
@@ -667,7 +869,9 @@ def make_runners(name: str, decider: Decider, record: Record) -> List[Runner]:
         return [SensorRunner(name, decider, record), NotifyAuditRunner(decider, record)]
     if name == "bpf-lsm":
         return [LsmRunner(name, decider, record)]
-    raise BackendUnavailable(f"the {name} backend is not built yet")
+    if name == "fmod-ret":
+        return [FmodRetRunner(name, decider, record)]
+    raise BackendUnavailable(f"unknown backend {name}")
 
 
 def start_backend(first: str, decider: Decider, record: Record,

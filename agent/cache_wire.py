@@ -35,7 +35,9 @@ _U64 = 1 << 64
 _I64 = 1 << 63
 _EVIDENCE_STR = ("source", "key_fingerprint", "identity", "issuer", "bundle_media_type")
 _EVIDENCE_INT = ("log_index", "integrated_time")
-EVIDENCE_FIELDS = frozenset(("kind", *_EVIDENCE_STR, *_EVIDENCE_INT))
+EVIDENCE_FIELDS = frozenset(("kind", *_EVIDENCE_STR, *_EVIDENCE_INT, "extensions"))
+_OLDER_EVIDENCE = EVIDENCE_FIELDS - {"extensions"}  # files written before extensions existed
+MAX_EXTENSIONS = 64
 
 Row = Tuple[FileIdentity, str, Verdict, int]  # identity, sha256 hex, verdict, verified_at_ns
 
@@ -69,6 +71,8 @@ def _evidence_out(ev: Evidence) -> Dict[str, Any]:
     for name in (*_EVIDENCE_STR, *_EVIDENCE_INT):
         value = getattr(ev, name)
         out[name] = value[:MAX_TEXT] if isinstance(value, str) else value
+    # never cut: a shortened value would match a policy differently than the certificate did
+    out["extensions"] = [[oid, text] for oid, text in ev.extensions]
     return out
 
 
@@ -113,14 +117,28 @@ def _map(value: Any, what: str, keys: frozenset) -> Dict[str, Any]:  # type: ign
 
 
 def _evidence_in(value: Any) -> Evidence:
-    m = _map(value, "evidence", EVIDENCE_FIELDS)
+    keys = EVIDENCE_FIELDS if isinstance(value, dict) and "extensions" in value \
+        else _OLDER_EVIDENCE
+    m = _map(value, "evidence", keys)
     try:
         kind = SignatureKind(_get(m, "kind", str))
     except ValueError:
         raise _Bad(f"unknown signature kind {m['kind']!r}") from None
     strs = {n: _get(m, n, str, optional=n != "source") for n in _EVIDENCE_STR}
     ints = {n: _get(m, n, int, optional=True) for n in _EVIDENCE_INT}
-    return Evidence(kind, **strs, **ints)
+    return Evidence(kind, **strs, **ints, extensions=_extensions_in(m.get("extensions", [])))
+
+
+def _extensions_in(value: Any) -> Tuple[Tuple[str, str], ...]:
+    if not isinstance(value, list) or len(value) > MAX_EXTENSIONS:
+        raise _Bad("evidence extensions is not a list of at most 64 pairs")
+    pairs = []
+    for pair in value:
+        if not (isinstance(pair, list) and len(pair) == 2
+                and all(isinstance(p, str) for p in pair)):
+            raise _Bad("an evidence extension is not an [oid, text] pair")
+        pairs.append((pair[0], pair[1]))
+    return tuple(pairs)
 
 
 _VERDICT_FIELDS = frozenset(("trusted", "reason", "detail", "evidence", "attempts"))

@@ -24,11 +24,14 @@ from agent.control import ControlError, ControlServer, socket_path
 from agent.decide import Decider
 from agent.decision import Decision, Enforcement
 from agent.errors import ExecguardError
+from agent.metrics.config import MetricsConfig, check_config
+from agent.metrics.tally import DecisionTally
 from agent.policy import Mode, PolicySnapshot, PolicyStore, apply_overrides, default_policy
 from agent.policy import load_policy as read_policy
 from agent.prewarm import Prewarmer
 from agent.record import Recorder, RecorderConfig
 from agent.record.audit_format import agent_start, agent_stop, backend_selected, policy_loaded
+from agent.service import ServiceLink
 
 FLUSH_EVERY_S = 30.0
 
@@ -46,6 +49,15 @@ class RunOptions:
     quiet: bool = False
     prewarm: bool = True
     audit: str = "auto"
+    probe_timeout: Optional[float] = None  # BCC probe budget for --backend auto (None: env/30 s)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)  # docs/metrics.md
+    breakglass_keys: Optional[str] = None  # pinned break-glass keys (docs/breakglass.md)
+    breakglass_max_seconds: Optional[int] = None  # longest token accepted (default 24 h)
+    # signed policy bundles (docs/bundles.md): pinned root keys, M-of-N, drop dir, warning
+    policy_keys: str = "/etc/execguard/keys/policy"
+    policy_threshold: int = 1
+    policy_drop_dir: str = "/etc/execguard/policy.d"
+    policy_expiry_warning: float = 7 * 86400.0  # seconds before expiry that status warns
 
 
 def load_snapshot(opts: RunOptions) -> PolicySnapshot:
@@ -117,7 +129,13 @@ class Agent:
         self.opts = opts
         self.out = out
         self.status_state = AgentState()
-        self.snapshot = load_snapshot(opts)  # raises MalformedInput: nothing started yet
+        # systemd Type=notify (docs/service.md): reads $NOTIFY_SOCKET before any child starts
+        self.service = ServiceLink.from_environ(self)
+        from agent.bundle_apply import BundleManager
+
+        self.bundles = BundleManager(opts)  # a signed bundle (applied before) wins over a file
+        self.snapshot = self.bundles.initial(lambda: load_snapshot(opts))  # raises: no start
+        check_config(opts.metrics)  # a bad --metrics-* value: refused before anything starts
         self.console = Console(out, not opts.quiet)
         self.recorder: Optional[Recorder] = None
         self.runner: Optional[Runner] = None
@@ -137,11 +155,18 @@ class Agent:
         # the policy as loaded (file or bundle, CLI overrides applied); ``effective`` derives
         # what the store holds from it (break-glass forces monitor on top of it)
         self.base_snapshot = self.snapshot
+        # applied in order by ``effective`` on every install (break-glass: mode = monitor)
+        self.overlays: List[Callable[[PolicySnapshot], PolicySnapshot]] = []
+        # held by whoever installs a policy, so base_snapshot and the store move together
+        self.policy_lock = threading.RLock()
+        self.decision_tally = DecisionTally()  # every recorded decision, by label (metrics)
+        self.metrics: Any = None  # agent.metrics.service.MetricsService when enabled
 
     # -- wiring -----------------------------------------------------------------------
     def record(self, d: Decision) -> None:
         assert self.recorder is not None
         self.recorder.decision(d)
+        self.decision_tally.add(d)
         self.console.line(decision_line(d))
 
     def say(self, text: str) -> None:
@@ -202,15 +227,26 @@ class Agent:
         self.recorder.agent_event(policy_loaded(snap.version, snap.digest, snap.source,
                                                 snap.mode.value))
         cache = TrustedCache(default_path(snap.state_dir),
-                             binding_for(snap.digest, snap.trust_digest))
+                             binding_for(snap.verdict_digest, snap.trust_digest))
         report = cache.load()
         self.status_state.warnings.extend(report.warnings)
         for warning in report.warnings:
             self.say(f"WARNING: {warning}")
         self.decider = Decider(PolicyStore(snap), cache)
+        from agent.breakglass_agent import register as register_breakglass
+
+        register_breakglass(self)  # its verbs exist before the socket opens
+        self.bundles.attach(self)  # policy-apply, the expiry ticker, status.policy_bundle
         self.control = ControlServer(socket_path(snap.state_dir), self.handle)
         self.control.start()
+        if self.opts.metrics.enabled:  # before the backend: a slow start is observable too
+            from agent.metrics.service import start_metrics  # imports prometheus_client
+
+            self.metrics = start_metrics(self, self.opts.metrics)
         self._start_backend()
+        rearm = getattr(self.runner, "policy_changed", None)
+        if rearm is not None:  # the kernel's copy of mode and allows follows every swap
+            self.policy_hooks.append(rearm)
         if self.opts.prewarm and self.runner is not None:
             self.prewarmer = Prewarmer(self.decider, self.runner.remember,
                                        skip=(snap.state_dir, snap.log_dir))
@@ -218,6 +254,7 @@ class Agent:
                 self.prewarmer.start(snap.scope_roots())
             except OSError as exc:
                 self.status_state.warnings.append(f"close-after-write watch unavailable: {exc}")
+        self.service.ready()  # last: READY=1 and the watchdog, once a backend runs
 
     def _start_backend(self) -> None:
         from agent.sensors.probe import choose_backend, run_probes
@@ -229,7 +266,11 @@ class Agent:
                                      f"{', '.join(PREFERENCE)})")
             first = requested
         else:
-            choice = choose_backend(run_probes(compile=True))
+            try:
+                probes = run_probes(compile=True, timeout=self.opts.probe_timeout)
+            except ValueError as exc:  # a malformed $EXECGUARD_PROBE_TIMEOUT
+                raise ExecguardError(str(exc)) from exc
+            choice = choose_backend(probes)
             first = choice.backend or "audit-only"
             for backend, verdict, why in choice.reasons:
                 if verdict == "skipped" and PREFERENCE.index(backend) < PREFERENCE.index(first):
@@ -254,24 +295,29 @@ class Agent:
                  f"scopes {', '.join(self.snapshot.scope_roots())}; state {st.state}")
 
     def effective(self, base: PolicySnapshot) -> PolicySnapshot:
-        """The snapshot deciders use for ``base``: hook for temporary overlays."""
+        """The snapshot deciders use for ``base``: ``base`` through every overlay."""
+        for overlay in self.overlays:
+            base = overlay(base)
         return base
 
     def install_policy(self, base: PolicySnapshot) -> PolicySnapshot:
         """Swap in ``base`` (already validated) atomically, then tell the runners."""
-        effective = self.effective(base)
-        self.decider.store.reload(lambda: effective)
-        self.base_snapshot = base
-        for hook in self.policy_hooks:
-            try:
-                hook(effective)
-            except Exception as exc:  # the swap is done; a runner failing to re-arm is loud
-                self.say(f"WARNING: policy hook {getattr(hook, '__qualname__', hook)}: "
-                         f"{exc!r}")
-                self.status_state.warnings.append(f"policy hook failed: {exc!r}")
-        return effective
+        with self.policy_lock:
+            effective = self.effective(base)
+            self.decider.store.reload(lambda: effective)
+            self.base_snapshot = base
+            for hook in self.policy_hooks:
+                try:
+                    hook(effective)
+                except Exception as exc:  # the swap is done; a runner failing to re-arm
+                    self.say(f"WARNING: policy hook {getattr(hook, '__qualname__', hook)}: "
+                             f"{exc!r}")
+                    self.status_state.warnings.append(f"policy hook failed: {exc!r}")
+            return effective
 
     def reload(self) -> None:
+        if self.bundles.on_sighup():  # signed bundles govern: the drop directory, no file
+            return
         try:
             self.install_policy(load_snapshot(self.opts))
         except ExecguardError as exc:
@@ -288,6 +334,7 @@ class Agent:
         self.say(f"policy reloaded: version {snap.version} digest {snap.digest[:12]}")
 
     def stop(self, why: str) -> None:
+        self.service.stopping(why)  # STOPPING=1 first: systemd waits, not restarts
         if self.prewarmer is not None:
             self.prewarmer.stop()
         if self.runner is not None:
@@ -299,6 +346,8 @@ class Agent:
         if self.recorder is not None:
             self.recorder.agent_event(agent_stop(why))
             self.recorder.close()
+        if self.metrics is not None:  # last: the final textfile has the final counts
+            self.metrics.close()
         self.console.close()
 
     def run(self) -> int:

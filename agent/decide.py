@@ -18,6 +18,7 @@ from agent.cache import TrustedCache, binding_for, identity_from_stat
 from agent.decision import Decision, Enforcement, ExecEvent, Source
 from agent.digest import Artifact
 from agent.errors import InputError, Reason
+from agent.metrics.tally import HistogramSnapshot, LatencyHistogram
 from agent.policy import (
     Mode,
     PolicySnapshot,
@@ -39,6 +40,10 @@ class DecisionStats:
     by_outcome: Counter = field(default_factory=Counter)  # type: ignore[type-arg]
     latencies_us: Deque[int] = field(default_factory=lambda: deque(maxlen=4096))
     errors: int = 0
+    # cumulative-bucket histograms for Prometheus (agent/metrics): whole decisions, and the
+    # verifications a cache miss (or pre-warming) ran
+    decision_hist: LatencyHistogram = field(default_factory=LatencyHistogram)
+    verify_hist: LatencyHistogram = field(default_factory=LatencyHistogram)
 
     def to_json(self) -> Dict[str, Any]:
         lat = sorted(self.latencies_us)
@@ -98,8 +103,8 @@ class Decider:
         extends it (its own signers, module pins) is verified afresh, never from the cache.
         """
         if trust_digest(trust) != snapshot.trust_digest:
-            return verify_artifact(artifact, trust), False
-        binding = binding_for(snapshot.digest, snapshot.trust_digest)
+            return self._timed_verify(artifact, trust), False
+        binding = binding_for(snapshot.verdict_digest, snapshot.trust_digest)
         if self.cache.binding != binding:
             self.cache.rebind(binding)  # a policy reload: stale verdicts are re-verified
         identity = identity_from_stat(os.fstat(artifact.fd))
@@ -108,12 +113,27 @@ class Decider:
                 artifact.path, entry.sha256, trust, entry.verified_at_ns)):
             artifact.known_digest("sha256", bytes.fromhex(entry.sha256))
             return entry.verdict, True
-        verdict = verify_artifact(artifact, trust)
+        verdict = self._timed_verify(artifact, trust)
         # a file changed while it was verified is not cached
         if (verdict.trusted or cache_negative) and \
                 identity_from_stat(os.fstat(artifact.fd)) == identity:
             self.cache.store(identity, artifact.sha256.hex(), verdict, binding)
         return verdict, False
+
+    def _timed_verify(self, artifact: Artifact, trust: TrustConfig) -> Verdict:
+        started = time.monotonic_ns()
+        try:
+            return verify_artifact(artifact, trust)
+        finally:
+            elapsed = (time.monotonic_ns() - started) // 1000
+            with self._lock:
+                self.stats.verify_hist.observe(elapsed)
+
+    def histograms(self) -> Dict[str, HistogramSnapshot]:
+        """Consistent copies of the latency histograms (``decision``, ``verify``)."""
+        with self._lock:
+            return {"decision": self.stats.decision_hist.snapshot(),
+                    "verify": self.stats.verify_hist.snapshot()}
 
     def decide(self, event: ExecEvent, fd: int, deny_enforcement: Enforcement) -> Decision:
         """Decide the exec of ``event`` whose file is open as ``fd`` (not closed here)."""
@@ -138,7 +158,7 @@ class Decider:
             if st.st_size > snapshot.limits.max_file_bytes:
                 raise InputError(event.path, f"{st.st_size} bytes is over the policy's "
                                  f"max_file_bytes ({snapshot.limits.max_file_bytes})")
-            subject = subject_of(artifact, event.uid, event.path)
+            subject = subject_of(artifact, event.uid, event.path, event.gid)
             outcome = decide(snapshot, subject, verify_fn)
         except (InputError, OSError) as exc:
             allow = snapshot.mode is Mode.MONITOR
@@ -150,7 +170,7 @@ class Decider:
                                          Source.VERIFY, **common), started)
         if outcome.allow:
             enforcement = Enforcement.NONE
-        elif snapshot.mode is Mode.MONITOR:
+        elif outcome.mode is Mode.MONITOR:  # the deciding rule's mode (a monitor rule)
             enforcement = Enforcement.MONITOR
         else:
             enforcement = deny_enforcement
@@ -170,4 +190,5 @@ class Decider:
                 "would-deny" if decision.enforcement is Enforcement.MONITOR else "deny")
             self.stats.by_outcome[key] += 1
             self.stats.latencies_us.append(latency)
+            self.stats.decision_hist.observe(latency)
         return Decision(**{**decision.__dict__, "latency_us": latency})

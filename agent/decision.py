@@ -55,6 +55,7 @@ class ExecEvent:
     timestamp_ns: int  # CLOCK_REALTIME when the sensor saw it
     backend: str  # sensor that produced it: bpf-lsm | fanotify-exec | kill | ...
     exe: Optional[str] = None  # the exec'ing process's executable before the exec, if known
+    gid: Optional[int] = None
 
 
 @dataclass(frozen=True)

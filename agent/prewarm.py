@@ -20,7 +20,7 @@ from agent.decide import Decider
 from agent.decision import FileIdentity
 from agent.digest import Artifact
 from agent.errors import ExecguardError
-from agent.policy import decide, subject_of
+from agent.policy import Mode, decide, subject_of
 from agent.sensors import fanotify_sys as fs
 from agent.sensors.fanotify_scope import PSEUDO_FS, mounts
 
@@ -107,12 +107,16 @@ class Prewarmer:
         artifact = Artifact(path, fd, st.st_size, st.st_dev, st.st_ino, st.st_ctime_ns,
                             st.st_mtime_ns)
         # a denial is not cached here: the binary is often deployed before its signature
-        outcome = decide(snapshot, subject_of(artifact, st.st_uid, path),
+        outcome = decide(snapshot, subject_of(artifact, st.st_uid, path, st.st_gid),
                          lambda trust: self.decider.verify_into_cache(
                              artifact, trust, snapshot, cache_negative=False)[0])
         self.stats.verified += 1
         if self.on_result is not None:
-            self.on_result(path, identity_from_stat(st), outcome.allow)
+            # a monitor rule's denial in an enforce policy does not block: let the kernel
+            # verdict maps allow it too
+            runs = outcome.allow or (outcome.mode is Mode.MONITOR
+                                     and snapshot.mode is Mode.ENFORCE)
+            self.on_result(path, identity_from_stat(st), runs)
         return outcome.allow
 
     def signature_changed(self, binary: str) -> None:

@@ -217,7 +217,7 @@ class Daemon:
 
 @contextlib.contextmanager
 def agent_running(work: str, backend: str, mode: str, scope: str, key: str,
-                  extra: Sequence[str] = ()) -> Iterator[Daemon]:
+                  extra: Sequence[str] = (), ready_s: float = 120.0) -> Iterator[Daemon]:
     state = tempfile.mkdtemp(prefix="state-", dir=work)
     logs = tempfile.mkdtemp(prefix="log-", dir=work)
     cmd = [sys.executable, "-m", "agent", "run", "--state-dir", state, "--log-dir", logs,
@@ -231,7 +231,7 @@ def agent_running(work: str, backend: str, mode: str, scope: str, key: str,
     daemon.info = {"socket": os.path.join(state, "control.sock"),
                    "log": os.path.join(logs, "decisions.jsonl"), "out": out}
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + ready_s  # a BCC compile under emulation: minutes
         status: Dict[str, Any] = {}
         while time.monotonic() < deadline and proc.poll() is None:
             with contextlib.suppress(ControlError):

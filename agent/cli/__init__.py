@@ -19,6 +19,8 @@ VERBS = {
     "status": "status_cmd",
     "run": "run_cmd",
     "denials": "denials_cmd",
+    "breakglass": "breakglass_cmd",
+    "policy": "policy_cmd",
 }
 
 EXIT_OK, EXIT_UNTRUSTED, EXIT_ERROR = 0, 1, 2

@@ -8,7 +8,10 @@ import sys
 from typing import Any
 
 from agent.backends import PREFERENCE
+from agent.cli import breakglass_cmd, policy_cmd
+from agent.cli.doctor_cmd import probe_seconds
 from agent.errors import ExecguardError
+from agent.metrics import config as metrics_config
 
 EXIT_ERROR = 2
 
@@ -21,10 +24,14 @@ def add_parser(sub: Any) -> None:
         "in /etc/execguard/keys/, nothing is ever blocked. The flags override the policy's "
         "fields, so enforcement can be tried on one directory without writing a policy: "
         "execguard run --mode enforce --scope /opt/app --key release.pub",
-        epilog="SIGHUP reloads the policy (a bad one is refused and the current one stays); "
+        epilog="SIGHUP reloads the policy (a bad one is refused and the current one stays; "
+        "it first applies the newest valid signed bundle in --policy-drop-dir, and while a "
+        "bundle is in force only bundles replace it); "
         "SIGTERM/SIGINT stop the agent. When the agent exits, the kernel allows every exec "
         "again (fail-open). 'execguard status' asks a running agent.")
-    p.add_argument("--policy", metavar="FILE", help="policy file (TOML or JSON)")
+    p.add_argument("--policy", metavar="FILE",
+                   help="policy file (TOML or JSON), or a signed policy bundle (verified "
+                   "with --policy-keys like any bundle; docs/bundles.md)")
     p.add_argument("--mode", choices=("monitor", "enforce"))
     p.add_argument("--scope", action="append", default=[], metavar="DIR",
                    help="watch/enforce only under DIR (repeatable; replaces the policy's scopes)")
@@ -42,6 +49,12 @@ def add_parser(sub: Any) -> None:
                    help="do not verify the scopes' binaries ahead of their first exec")
     p.add_argument("--audit", choices=("auto", "libaudit", "netlink", "off"), default="auto",
                    help="how denials reach auditd")
+    p.add_argument("--probe-timeout", type=probe_seconds, default=None, metavar="S",
+                   help="seconds for the BCC probes that pick the backend with --backend auto "
+                   "(default: $EXECGUARD_PROBE_TIMEOUT, else 30); raise it on slow machines")
+    metrics_config.add_arguments(p)
+    policy_cmd.add_run_arguments(p)
+    breakglass_cmd.add_run_arguments(p)
     p.set_defaults(run=run)
 
 
@@ -55,7 +68,11 @@ def run(args: argparse.Namespace) -> int:
     opts = RunOptions(policy=args.policy, mode=args.mode, scopes=tuple(args.scope),
                       keys=tuple(args.key), backend=args.backend, state_dir=args.state_dir,
                       log_dir=args.log_dir, status_interval=args.status_interval,
-                      quiet=args.quiet, prewarm=not args.no_prewarm, audit=args.audit)
+                      quiet=args.quiet, prewarm=not args.no_prewarm, audit=args.audit,
+                      probe_timeout=args.probe_timeout,
+                      metrics=metrics_config.from_arguments(args),
+                      **policy_cmd.run_options(args),
+                      **breakglass_cmd.run_options(args))
     try:
         agent = Agent(opts)
     except ExecguardError as exc:

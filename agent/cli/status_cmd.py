@@ -37,6 +37,11 @@ def render(status: Dict[str, Any]) -> str:
     head = (f"execguard {status.get('state', '?')}: backend {status.get('backend', '?')}, "
             f"enforcement {status.get('enforcement', '?')}, mode {status.get('mode', '?')}")
     lines: List[str] = [head]
+    breakglass = status.get("breakglass")
+    if isinstance(breakglass, dict) and breakglass.get("active"):
+        from agent.cli.breakglass_cmd import describe
+
+        lines.append(describe(breakglass))
     for warning in status.get("warnings", []) or []:
         lines.append(f"WARNING: {warning}")
     rest = {k: v for k, v in status.items()

@@ -5,8 +5,8 @@ Typical use by the daemon::
     store = PolicyStore(apply_overrides(load_policy(path) if path else default_policy(),
                                         mode=args.mode, scopes=args.scope, keys=args.key))
     snapshot = store.current.snapshot            # once per decision
-    outcome = decide(snapshot, subject_of(artifact, event.uid), verify_fn)
-    if outcome.blocks: ...                        # deny (enforce mode only)
+    outcome = decide(snapshot, subject_of(artifact, event.uid, gid=event.gid), verify_fn)
+    if outcome.blocks: ...         # deny (the deciding rule's mode is enforce)
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import stat
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 from agent.errors import ExecguardError, MalformedInput
 from agent.policy.globs import Glob
@@ -33,8 +33,10 @@ from agent.policy.predicates import (
     DenyVcsModified,
     MinGoVersion,
     ModuleBan,
+    RequireTrimpath,
     SignerForModule,
 )
+from agent.verify.fulcio_ext import oid_for
 from agent.verify.keys import load_public_key
 from agent.verify.model import IdentityRule, TrustConfig, TrustedKey
 from agent.verify.trust import build_trust
@@ -42,9 +44,19 @@ from agent.verify.trust import build_trust
 KEY_SUFFIXES = (".pub", ".pem")
 
 
+class TrustFiles(Protocol):
+    """Trust material already in hand (a signed policy bundle's), read instead of the files
+    the policy names; each raises ``ExecguardError`` for a path it does not hold."""
+
+    def keys_at(self, path: str) -> List[TrustedKey]: ...
+
+    def root_at(self, path: str) -> bytes: ...
+
+
 class _Builder:
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, files: Optional[TrustFiles] = None) -> None:
         self.source = source
+        self.files = files
         self.warnings: List[str] = []
 
     def fail(self, where: str, problem: str) -> MalformedInput:
@@ -52,6 +64,11 @@ class _Builder:
 
     def key_file(self, path: str, where: str) -> TrustedKey:
         try:
+            if self.files is not None:
+                found = self.files.keys_at(path)
+                if len(found) != 1:
+                    raise ExecguardError(f"{path}: holds {len(found)} keys, expected one")
+                return found[0]
             return load_public_key(path)
         except ExecguardError as exc:
             raise self.fail(where, exc.diagnostics()) from None
@@ -80,7 +97,14 @@ class _Builder:
         keys: Dict[str, TrustedKey] = {}
         for i, path in enumerate(paths):
             where = f"trust.keys[{i}]"
-            if os.path.isdir(path):
+            if self.files is not None:
+                try:
+                    found = self.files.keys_at(path)
+                except ExecguardError as exc:
+                    raise self.fail(where, exc.diagnostics()) from None
+                if not found:
+                    self.warnings.append(f"{where}: no key under {path}")
+            elif os.path.isdir(path):
                 found = self.key_dir(path, where)
             elif path.endswith("/") and not os.path.exists(path):
                 # A missing key directory (the default one on a fresh host) trusts nobody.
@@ -97,7 +121,8 @@ class _Builder:
         root: Optional[bytes] = None
         if doc["trusted_root"] is not None:
             try:
-                root = build_trust(trusted_root=doc["trusted_root"]).trusted_root
+                root = (self.files.root_at(doc["trusted_root"]) if self.files is not None
+                        else build_trust(trusted_root=doc["trusted_root"]).trusted_root)
             except ExecguardError as exc:
                 raise self.fail("trust.trusted_root", exc.diagnostics()) from None
         for i, store in enumerate(doc["signature_stores"]):
@@ -139,7 +164,9 @@ class _Builder:
         match = Match(paths=tuple(Glob.compile(p) for p in m["paths"]),
                       go=m["go"] if isinstance(m["go"], bool) else None,
                       uids=tuple(m["uids"]) if m["uids"] is not None else None,
-                      module=Glob.compile(m["module"], False) if m["module"] else None)
+                      module=Glob.compile(m["module"], False) if m["module"] else None,
+                      gids=_ids(m.get("gids")), owner_uids=_ids(m.get("owner_uids")),
+                      owner_gids=_ids(m.get("owner_gids")))
         action = Action(doc["action"])
         rule_trust: Optional[TrustConfig] = None
         predicate: Optional[Predicate] = None
@@ -152,8 +179,9 @@ class _Builder:
                                          trust.trusted_root_source, trust.store_dirs)
             if doc["go"] is not None:
                 pins, predicate = self.go(doc["go"], f"{where}.go", rule_trust.keys)
+        mode = Mode(doc["mode"]) if doc.get("mode") is not None else None
         return Rule(doc["id"], action, match, line, doc["description"], rule_trust, predicate,
-                    pins)
+                    pins, mode)
 
     def go(self, doc: Mapping[str, Any], where: str, keys: Tuple[TrustedKey, ...],
            ) -> Tuple[Tuple[ModulePin, ...], Predicate]:
@@ -162,6 +190,8 @@ class _Builder:
             checks.append(MinGoVersion(doc["min_version"]))
         if doc["deny_vcs_modified"]:
             checks.append(DenyVcsModified())
+        if doc.get("require_trimpath", False):
+            checks.append(RequireTrimpath())
         if doc["deny_modules"]:
             checks.append(DenyModules(tuple(
                 ModuleBan(b["path"], frozenset(b["versions"]), b["below"])
@@ -176,7 +206,16 @@ class _Builder:
 
 
 def _identity(doc: Mapping[str, Any]) -> IdentityRule:
-    return IdentityRule(issuer=doc["issuer"], san=doc["san"], san_regex=doc["san_regex"])
+    def pairs(table: Mapping[str, str]) -> Tuple[Tuple[str, str], ...]:
+        return tuple(sorted((str(oid_for(k)), v) for k, v in table.items()))
+
+    return IdentityRule(issuer=doc["issuer"], san=doc["san"], san_regex=doc["san_regex"],
+                        extensions=pairs(doc.get("extensions", {})),
+                        extensions_regex=pairs(doc.get("extensions_regex", {})))
+
+
+def _ids(value: Optional[Sequence[int]]) -> Optional[Tuple[int, ...]]:
+    return tuple(value) if value is not None else None
 
 
 def canonical_text(doc: Mapping[str, Any]) -> str:
@@ -186,14 +225,20 @@ def canonical_text(doc: Mapping[str, Any]) -> str:
 
 def build_snapshot(doc: Mapping[str, Any], source: str,
                    lines: Sequence[Optional[int]] = (),
-                   overrides: Sequence[str] = ()) -> PolicySnapshot:
-    """``doc`` must come from ``schema.normalize``; ``lines[i]`` is rule i's source line."""
-    builder = _Builder(source)
+                   overrides: Sequence[str] = (),
+                   files: Optional[TrustFiles] = None) -> PolicySnapshot:
+    """``doc`` must come from ``schema.normalize``; ``lines[i]`` is rule i's source line.
+    ``files``, when given, supplies every key and trusted root instead of the file system."""
+    builder = _Builder(source, files)
     trust = builder.trust(doc["trust"])
     rules = []
     for i, raw in enumerate(doc["rules"]):
         line = lines[i] if i < len(lines) else None
-        rules.append(builder.rule(raw, f"rules[{i}] (id {raw['id']})", line, trust))
+        at = f"line {line}: " if line is not None else ""
+        rules.append(builder.rule(raw, f"{at}rules[{i}] (id {raw['id']})", line, trust))
+        if raw.get("mode") == "enforce" and doc["mode"] == "monitor":
+            builder.warnings.append(f"{at}rules[{i}] (id {raw['id']}).mode: enforce has no "
+                                    "effect while the policy's mode is monitor")
     canonical = canonical_text(doc)
     limits = doc["limits"]
     return PolicySnapshot(

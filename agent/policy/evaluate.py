@@ -37,12 +37,14 @@ class PolicyResult:
     detail: str
     requires: Optional[TrustConfig] = None  # require-signature: the trust to verify against
     in_scope: bool = True
+    mode: Optional[Mode] = None  # the deciding rule's effective mode; None: the policy's
 
 
 @dataclass(frozen=True)
 class Outcome:
     """The policy's verdict. ``allow`` is the verdict in every mode; ``blocks`` says whether
-    the exec must really be stopped (enforce mode and not allowed)."""
+    the exec must really be stopped (enforce mode and not allowed). ``mode`` is the effective
+    mode: the deciding rule's (see ``Rule.effective_mode``), else the policy's."""
 
     allow: bool
     reason: Reason
@@ -64,8 +66,8 @@ def _requires(rule: Rule, subject: Subject) -> TrustConfig:
     module = subject.module
     for pin in rule.module_pins:
         if module is not None and pin.module.matches(module):
-            return dataclasses.replace(trust, keys=pin.signers.keys,
-                                       identities=pin.signers.identities)
+            signers = pin.signers.bind(module)
+            return dataclasses.replace(trust, keys=signers.keys, identities=signers.identities)
     return trust
 
 
@@ -77,16 +79,18 @@ def evaluate(snapshot: PolicySnapshot, subject: Subject) -> PolicyResult:
     for rule in snapshot.rules:
         if not rule.match.matches(subject):
             continue
+        mode = rule.effective_mode(snapshot.mode)
         if rule.action is Action.ALLOW:
             return PolicyResult(Action.ALLOW, rule.rule_id, Reason.OK,
-                                f"allowed by {rule.where()}")
+                                f"allowed by {rule.where()}", mode=mode)
         if rule.action is Action.DENY:
             return PolicyResult(Action.DENY, rule.rule_id, Reason.POLICY_DENY,
-                                f"denied by {rule.where()}")
+                                f"denied by {rule.where()}", mode=mode)
         requires = _requires(rule, subject)
         signers = SignerSpec(requires.keys, requires.identities).describe()
         return PolicyResult(Action.REQUIRE_SIGNATURE, rule.rule_id, Reason.OK,
-                            f"{rule.where()} requires a signature by {signers}", requires)
+                            f"{rule.where()} requires a signature by {signers}", requires,
+                            mode=mode)
     if snapshot.fallthrough is Action.ALLOW:
         return PolicyResult(Action.ALLOW, None, Reason.OK, "no rule matched; fallthrough allow")
     return PolicyResult(Action.DENY, None, Reason.NO_RULE, "no rule matched; fallthrough deny")
@@ -108,8 +112,8 @@ def decide(snapshot: PolicySnapshot, subject: Subject, verify_fn: VerifyFn) -> O
 
     def out(allow: bool, reason: Reason, detail: str, source: Source,
             verdict: Optional[Verdict] = None) -> Outcome:
-        return Outcome(allow, reason, detail, result.rule_id, source, snapshot.mode, verdict,
-                       result.in_scope)
+        return Outcome(allow, reason, detail, result.rule_id, source,
+                       result.mode or snapshot.mode, verdict, result.in_scope)
 
     if result.action is not Action.REQUIRE_SIGNATURE:
         source = Source.RULE if result.rule_id is not None else Source.DEFAULT

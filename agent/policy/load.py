@@ -101,6 +101,27 @@ def rule_lines(text: str, ids: Sequence[str]) -> List[Optional[int]]:
     return lines
 
 
+_RULE_AT = re.compile(r"rules\[(\d+)\]")
+_RULE_HEADER = re.compile(r"^[ \t]*\[\[[ \t]*rules[ \t]*\]\]", re.M)
+
+
+def _error_line(text: str, doc: Any, where: str) -> Optional[int]:
+    """The line of the rule a schema error is in: its ``id`` (as ``Rule.source_line``), else
+    its ``[[rules]]`` header in TOML; None outside the rules or when it cannot be located."""
+    m = _RULE_AT.match(where)
+    raw = doc.get("rules") if isinstance(doc, dict) else None
+    if m is None or not isinstance(raw, list):
+        return None
+    index = int(m.group(1))
+    ids = [r.get("id") if isinstance(r, dict) else None for r in raw[:index + 1]]
+    named = [i for i in ids if isinstance(i, str)]
+    line = rule_lines(text, named)[index] if len(named) == len(ids) else None
+    headers = list(_RULE_HEADER.finditer(text))
+    if line is None and len(headers) == len(raw):
+        line = text.count("\n", 0, headers[index].start()) + 1
+    return line
+
+
 def parse_policy(data: bytes, source: str, fmt: Optional[str] = None) -> PolicySnapshot:
     """A snapshot from policy bytes; ``fmt`` is "toml" or "json" (guessed when None)."""
     try:
@@ -111,7 +132,8 @@ def parse_policy(data: bytes, source: str, fmt: Optional[str] = None) -> PolicyS
     try:
         normalized = schema.normalize(doc)
     except schema.SchemaError as exc:
-        raise MalformedInput(source, str(exc)) from None
+        line = _error_line(text, doc, exc.where)
+        raise MalformedInput(source, (f"line {line}: " if line else "") + str(exc)) from None
     lines = rule_lines(text, [r["id"] for r in normalized["rules"]])
     return build_snapshot(normalized, source, lines)
 

@@ -10,11 +10,13 @@ import hashlib
 import json
 from dataclasses import dataclass
 from enum import Enum
-from typing import Optional, Protocol, Tuple
+from functools import cached_property
+from typing import Any, List, Optional, Protocol, Tuple
 
 from agent.errors import ExecguardError, Reason
 from agent.goinfo.model import BuildInfo
 from agent.policy.globs import Glob
+from agent.policy.templates import module_repo
 from agent.verify.model import Evidence, IdentityRule, TrustConfig, TrustedKey
 
 
@@ -35,7 +37,9 @@ class Subject:
 
     ``go`` is True when the file carries Go build info, and also when that build info is
     present but unreadable (then ``buildinfo`` is None and every Go predicate fails).
-    ``evidence`` is filled in by ``decide`` once a signature is trusted.
+    ``evidence`` is filled in by ``decide`` once a signature is trusted. ``gid`` is the
+    exec'ing process's gid and ``owner_uid``/``owner_gid`` the file's owner (its fstat);
+    None means unknown, and a rule matching on an unknown value does not match.
     """
 
     path: str
@@ -43,6 +47,9 @@ class Subject:
     go: bool = False
     buildinfo: Optional[BuildInfo] = None
     evidence: Optional[Evidence] = None
+    gid: Optional[int] = None
+    owner_uid: Optional[int] = None
+    owner_gid: Optional[int] = None
 
     def __post_init__(self) -> None:
         if not self.path.startswith("/"):
@@ -93,7 +100,16 @@ class SignerSpec:
             return True
         if evidence.identity is None or evidence.issuer is None:
             return False
-        return any(r.matches(evidence.identity, evidence.issuer) for r in self.identities)
+        extensions = dict(evidence.extensions)
+        return any(r.matches(evidence.identity, evidence.issuer, extensions)
+                   for r in self.identities)
+
+    def bind(self, module: Optional[str]) -> SignerSpec:
+        """``{module_repo}`` filled in from the main module ``module``; an identity whose
+        template cannot be filled (no derivable repository) is dropped: it trusts nobody."""
+        repo = module_repo(module)
+        bound = (r.bind(repo) for r in self.identities)
+        return SignerSpec(self.keys, tuple(r for r in bound if r is not None))
 
     def describe(self) -> str:
         names = list(self.fingerprints) + [r.describe() for r in self.identities]
@@ -108,12 +124,19 @@ class Match:
     go: Optional[bool] = None  # None: Go or not
     uids: Optional[Tuple[int, ...]] = None  # None: any uid
     module: Optional[Glob] = None  # main module path; a non-Go file never matches
+    gids: Optional[Tuple[int, ...]] = None  # the exec's gid; unknown never matches
+    owner_uids: Optional[Tuple[int, ...]] = None  # the file's owner; unknown never matches
+    owner_gids: Optional[Tuple[int, ...]] = None  # the file's group; unknown never matches
 
     def matches(self, subject: Subject) -> bool:
         if self.go is not None and subject.go != self.go:
             return False
         if self.uids is not None and subject.uid not in self.uids:
             return False
+        for wanted, have in ((self.gids, subject.gid), (self.owner_uids, subject.owner_uid),
+                             (self.owner_gids, subject.owner_gid)):
+            if wanted is not None and (have is None or have not in wanted):
+                return False
         if self.module is not None:
             module = subject.module
             if module is None or not self.module.matches(module):
@@ -141,6 +164,14 @@ class Rule:
     trust: Optional[TrustConfig] = None  # require-signature only: global trust, narrowed
     predicate: Optional[Predicate] = None  # Go predicates, checked after a trusted signature
     module_pins: Tuple[ModulePin, ...] = ()
+    mode: Optional[Mode] = None  # None: the policy's mode
+
+    def effective_mode(self, policy_mode: Mode) -> Mode:
+        """The policy's mode is the ceiling: in a monitor policy (``--mode monitor``, a
+        break-glass overlay) no rule blocks; in an enforce policy a monitor rule does not."""
+        if policy_mode is Mode.MONITOR or self.mode is Mode.MONITOR:
+            return Mode.MONITOR
+        return Mode.ENFORCE
 
     def where(self) -> str:
         line = f" (line {self.source_line})" if self.source_line is not None else ""
@@ -184,6 +215,25 @@ class PolicySnapshot:
         """Monitor mode blocks nothing, a late answer included."""
         return Action.ALLOW if self.mode is Mode.MONITOR else self.on_timeout
 
+    @cached_property
+    def verdict_digest(self) -> str:
+        """What cached verdicts are bound to: ``digest`` of the document without ``mode``.
+        A verdict is the verifier's answer under the trust, whatever the mode makes of it,
+        so a mode switch (break-glass) keeps a warm cache; any other change re-verifies."""
+        doc = json.loads(self.canonical)
+        doc.pop("mode", None)
+        text = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+    @property
+    def caller_dependent(self) -> bool:
+        """Some rule matches on more than the file's bytes: the exec'ing process (uids,
+        gids), or the file's owner, which chown changes without clearing a fanotify ignore
+        mark. Then an allow must not be cached per file, or a later exec would skip the
+        policy."""
+        return any(m.uids is not None or m.gids is not None or m.owner_uids is not None
+                   or m.owner_gids is not None for m in (r.match for r in self.rules))
+
     def in_scope(self, path: str) -> bool:
         return any(g.matches(path) for g in self.scopes)
 
@@ -201,11 +251,18 @@ class PolicySnapshot:
         return None
 
 
+def _identity_key(rule: IdentityRule) -> List[Any]:
+    key: List[Any] = [rule.issuer, rule.san or "", rule.san_regex or ""]
+    if rule.extensions or rule.extensions_regex:  # absent: the digest of older policies holds
+        key += [[list(p) for p in rule.extensions], [list(p) for p in rule.extensions_regex]]
+    return key
+
+
 def trust_digest(trust: TrustConfig) -> str:
     """sha256 over the trust material itself (not its file names): binds cached verdicts."""
     doc = {
         "keys": sorted(k.fingerprint for k in trust.keys),
-        "identities": sorted([r.issuer, r.san or "", r.san_regex or ""] for r in trust.identities),
+        "identities": sorted(_identity_key(r) for r in trust.identities),
         "trusted_root": (hashlib.sha256(trust.trusted_root).hexdigest()
                          if trust.trusted_root is not None else None),
         "stores": sorted(trust.store_dirs),

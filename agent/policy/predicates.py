@@ -91,6 +91,23 @@ class DenyVcsModified:
 
 
 @dataclass(frozen=True)
+class RequireTrimpath:
+    """The binary was built with ``-trimpath`` (build setting ``-trimpath=true``): no build
+    machine paths in it, and a prerequisite for a reproducible build."""
+
+    def check(self, subject: Subject) -> None:
+        info = _require_buildinfo(subject)
+        value = info.setting("-trimpath")
+        if value != "true":
+            raise PolicyViolation(Reason.GO_PREDICATE,
+                                  "not built with -trimpath (build setting -trimpath="
+                                  f"{value if value is not None else 'absent'})")
+
+    def describe(self) -> str:
+        return "-trimpath=true"
+
+
+@dataclass(frozen=True)
 class ModuleBan:
     """A module denied at exact ``versions`` and/or at every version ``below`` one."""
 
@@ -145,7 +162,7 @@ class SignerForModule:
         module = subject.module
         pin = next((p for p in self.pins if module is not None and p.module.matches(module)),
                    None)
-        if pin is None or pin.signers.accepts(subject.evidence):
+        if pin is None or pin.signers.bind(module).accepts(subject.evidence):
             return
         ev = subject.evidence
         keyless = ev is not None and ev.key_fingerprint is None

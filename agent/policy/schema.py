@@ -13,10 +13,21 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from agent.policy.globs import Glob, GlobError
 from agent.policy.predicates import parse_go_version, parse_semver
+from agent.verify.fulcio_ext import ARC, NAMES, oid_for
 
 Validator = Callable[[Any, str], Any]
 _REQUIRED = object()
 _TABLE = object()  # default: the table with all of its own defaults
+
+
+class Omitted:
+    """Default of a key added after the first release: at its default value the key is left
+    out of the canonical document, so the digest of a policy that does not use it is
+    unchanged (and spelling the default out still does not change the digest)."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
 _RULE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 _FINGERPRINT = re.compile(r"sha256:[0-9a-f]{64}")
 
@@ -170,7 +181,12 @@ def table(fields: Fields, check: Optional[Callable[[Dict[str, Any], str], None]]
                 raise SchemaError(f"{prefix}{key}", f"unknown key (known keys: {known})")
         out: Dict[str, Any] = {}
         for key, (validator, default) in fields.items():
-            if key in value:
+            if isinstance(default, Omitted):
+                if key in value:
+                    checked = validator(value[key], prefix + key)
+                    if checked != default.value:
+                        out[key] = checked
+            elif key in value:
                 out[key] = validator(value[key], prefix + key)
             elif default is _REQUIRED:
                 raise SchemaError(prefix + key, "required key is missing")
@@ -189,8 +205,57 @@ def _one_san(ident: Dict[str, Any], where: str) -> None:
         raise SchemaError(where, "give exactly one of san or san_regex with the issuer")
 
 
-IDENTITY = table({"issuer": (nonempty, _REQUIRED), "san": (optional(nonempty), None),
-                  "san_regex": (optional(regex), None)}, _one_san)
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _templated(inner: Validator, allowed: bool) -> Validator:
+    """``{module_repo}`` is a placeholder where ``allowed`` (go.module_signers), an error
+    elsewhere; any other ``{name}`` is an error (a typo must not become a literal)."""
+    def check(value: Any, where: str) -> Any:
+        text = string(value, where)
+        for m in _PLACEHOLDER.finditer(text):
+            if m.group(1) != "module_repo":
+                raise SchemaError(where, f"unknown placeholder {m.group(0)} (the only one is "
+                                  "{module_repo})")
+            if not allowed:
+                raise SchemaError(where, "{module_repo} is only filled in within "
+                                  "go.module_signers, where the binary's module is known")
+        # checked with a sample repository: the regex must compile once filled in
+        inner(_PLACEHOLDER.sub("github.com/o/r", text), where)
+        return text
+    return check
+
+
+def _extension_map(value_check: Validator) -> Validator:
+    def check(value: Any, where: str) -> Dict[str, str]:
+        _expect(isinstance(value, dict), value, "a table of extension name = value", where)
+        out: Dict[str, str] = {}
+        for key, item in value.items():
+            here = f"{where}.{key}"
+            if oid_for(key) is None:
+                known = ", ".join(sorted(NAMES))
+                raise SchemaError(here, f"not a Fulcio extension (known names: {known}; or a "
+                                  f"dotted OID under {ARC[:-1]})")
+            out[key] = value_check(item, here)
+        oids = [oid_for(k) for k in out]
+        if len(set(oids)) != len(oids):
+            raise SchemaError(where, "names the same extension twice (by name and by OID)")
+        return out
+    return check
+
+
+def _identity(templates: bool) -> Validator:
+    return table({"issuer": (nonempty, _REQUIRED),
+                  "san": (optional(_templated(nonempty, templates)), None),
+                  "san_regex": (optional(_templated(regex, templates)), None),
+                  "extensions": (_extension_map(_templated(nonempty, templates)), Omitted({})),
+                  "extensions_regex": (_extension_map(_templated(regex, templates)),
+                                       Omitted({}))},
+                 _one_san)
+
+
+IDENTITY = _identity(templates=False)
+PIN_IDENTITY = _identity(templates=True)
 
 
 def _some_signer(signers: Dict[str, Any], where: str) -> None:
@@ -200,7 +265,8 @@ def _some_signer(signers: Dict[str, Any], where: str) -> None:
 
 SIGNER_FIELDS: Fields = {"keys": (array(key_ref), []), "identities": (array(IDENTITY), [])}
 SIGNERS = table(SIGNER_FIELDS, _some_signer)
-PIN = table({"module": (module_glob, _REQUIRED), **SIGNER_FIELDS}, _some_signer)
+PIN = table({"module": (module_glob, _REQUIRED), "keys": (array(key_ref), []),
+             "identities": (array(PIN_IDENTITY), [])}, _some_signer)
 
 
 def _ban_has_versions(ban: Dict[str, Any], where: str) -> None:
@@ -214,18 +280,23 @@ BAN = table({"path": (nonempty, _REQUIRED), "versions": (array(nonempty), []),
 
 def _some_predicate(go: Dict[str, Any], where: str) -> None:
     if (go["min_version"] is None and not go["deny_vcs_modified"] and not go["deny_modules"]
-            and not go["module_signers"]):
+            and not go["module_signers"] and not go.get("require_trimpath", False)):
         raise SchemaError(where, "sets no Go predicate (remove the table, or set one)")
 
 
 GO = table({"min_version": (optional(go_version), None),
             "deny_vcs_modified": (boolean, False),
             "deny_modules": (array(BAN), []),
-            "module_signers": (array(PIN), [])}, _some_predicate)
+            "module_signers": (array(PIN), []),
+            "require_trimpath": (boolean, Omitted(False))}, _some_predicate)
+_IDS = optional(array(integer(0, 2**32 - 1), nonempty_list=True))
 MATCH = table({"paths": (array(path_glob, nonempty_list=True), ["/**"]),
                "go": (go_match, "any"),
-               "uids": (optional(array(integer(0, 2**32 - 1), nonempty_list=True)), None),
-               "module": (optional(module_glob), None)})
+               "uids": (_IDS, None),
+               "module": (optional(module_glob), None),
+               "gids": (_IDS, Omitted(None)),
+               "owner_uids": (_IDS, Omitted(None)),
+               "owner_gids": (_IDS, Omitted(None))})
 
 
 def _rule_consistent(rule: Dict[str, Any], where: str) -> None:
@@ -251,7 +322,8 @@ def _rule_id(value: Any, where: str) -> str:
 RULE = table({"id": (_rule_id, _REQUIRED), "description": (string, ""),
               "action": (choice("allow", "deny", "require-signature"), _REQUIRED),
               "match": (MATCH, _TABLE), "signers": (optional(SIGNERS), None),
-              "go": (optional(GO), None)}, _rule_consistent)
+              "go": (optional(GO), None),
+              "mode": (choice("monitor", "enforce"), Omitted(None))}, _rule_consistent)
 
 
 def rules(value: Any, where: str) -> List[Dict[str, Any]]:

@@ -7,22 +7,33 @@ tampered Go binary) means "Go, with nothing provable", so Go rules apply and fai
 
 from __future__ import annotations
 
+import dataclasses
+import os
+
 from agent.digest import Artifact
-from agent.errors import MalformedInput, NotGoBinary
+from agent.errors import InputError, MalformedInput, NotGoBinary
 from agent.goinfo import read_buildinfo
 from agent.policy.model import Subject
 
 
-def subject_of(artifact: Artifact, uid: int, path: str | None = None) -> Subject:
-    """The subject for ``artifact`` exec'd by ``uid``; ``path`` defaults to the artifact's.
+def subject_of(artifact: Artifact, uid: int, path: str | None = None,
+               gid: int | None = None) -> Subject:
+    """The subject for ``artifact`` exec'd by ``uid`` (and ``gid``, None when the sensor
+    does not know it); ``path`` defaults to the artifact's.
 
-    Raises ``InputError`` when the file cannot be read at all.
+    The file's owner comes from fstat of the artifact's own fd: the file that is exec'd,
+    not whatever the path names by now. Raises ``InputError`` when the file cannot be read.
     """
     name = path if path is not None else artifact.path
     try:
+        st = os.fstat(artifact.fd)
+    except OSError as exc:
+        raise InputError(name, f"fstat failed: {exc.strerror or exc}") from None
+    base = Subject(name, uid, gid=gid, owner_uid=st.st_uid, owner_gid=st.st_gid)
+    try:
         info = read_buildinfo(artifact)
     except NotGoBinary:
-        return Subject(name, uid, go=False)
+        return base
     except MalformedInput:
-        return Subject(name, uid, go=True)
-    return Subject(name, uid, go=True, buildinfo=info)
+        return dataclasses.replace(base, go=True)
+    return dataclasses.replace(base, go=True, buildinfo=info)

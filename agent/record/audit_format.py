@@ -140,6 +140,10 @@ class AgentEventKind(str, Enum):
     STOP = "stop"  # AUDIT_SERVICE_STOP
     BACKEND = "backend-select"  # AUDIT_USYS_CONFIG
     POLICY_LOAD = "policy-load"  # AUDIT_USYS_CONFIG
+    POLICY_BUNDLE = "policy-bundle"  # AUDIT_USYS_CONFIG: a signed bundle applied or refused
+    BREAKGLASS_APPLY = "breakglass-apply"  # AUDIT_USYS_CONFIG: monitor mode until not_after
+    BREAKGLASS_REJECT = "breakglass-reject"  # AUDIT_USYS_CONFIG, res=failed
+    BREAKGLASS_END = "breakglass-end"  # AUDIT_USYS_CONFIG: expired, revoked, superseded...
 
     @property
     def audit_type(self) -> int:
@@ -189,3 +193,14 @@ def policy_loaded(version: Optional[int], digest: Optional[str], source: str, mo
     return AgentEvent(AgentEventKind.POLICY_LOAD,
                       (("policy_version", version), ("policy_digest", digest),
                        ("file", source), ("policy_mode", mode), ("info", why)), ok)
+
+
+def policy_bundle(applied: bool, reason: str, old_version: Optional[int],
+                  old_digest: Optional[str], new_version: Optional[int],
+                  new_digest: Optional[str], source: str, why: str) -> AgentEvent:
+    """A signed policy bundle applied (``reason`` ok) or refused, or its expiry coming
+    (``expiring``) or past (``expired``, res=failed); digests are the bundle payload's."""
+    return AgentEvent(AgentEventKind.POLICY_BUNDLE,
+                      (("reason", reason), ("old_version", old_version),
+                       ("old_digest", old_digest), ("new_version", new_version),
+                       ("new_digest", new_digest), ("file", source), ("info", why)), applied)

@@ -75,6 +75,7 @@ def to_json(record_id: str, d: Decision) -> Dict[str, Any]:
             "pid": ev.pid,
             "ppid": ev.ppid,
             "uid": ev.uid,
+            "gid": ev.gid,
             "auid": ev.auid,
             "comm": ev.comm,
             "path": ev.path,
@@ -180,6 +181,7 @@ def from_json(obj: Any, path: str = "<record>", line: int = 0) -> LoggedDecision
         ),
         timestamp_ns=r.typed(obj, "time_ns", int),
         backend=r.typed(ev, "backend", str),
+        gid=r.typed(ev, "gid", int, optional=True),  # absent in records before gid existed
     )
     decision = Decision(
         event=event,

@@ -20,6 +20,7 @@ import threading
 import time
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
+from agent.heartbeat import Heartbeat
 from agent.sensors import fanotify_scope as scope
 from agent.sensors import fanotify_sys as fs
 from agent.sensors.fanotify_model import Cause, Decide, Lookup, Observer, Outcome, Pending
@@ -70,6 +71,8 @@ class FanotifyBackend:
         self._born = scope.parent_of(self._pid)[1]  # start time, to cut ancestry walks short
         self._group = -1
         self._mask = 0
+        self._epoch = 0  # +1 per forget_allowed(): a verdict from before must not mark
+        self.heartbeat = Heartbeat("fanotify")  # each loop turn: the service watchdog
         self._lock = threading.Lock()
         self._pending: Dict[int, Pending] = {}
         self._work: queue.SimpleQueue[Optional[Pending]] = queue.SimpleQueue()
@@ -155,6 +158,17 @@ class FanotifyBackend:
             os.close(fd)
         self._state = "stopped"
 
+    def forget_allowed(self) -> None:
+        """Drop every ignore mark (a new policy: allowed files are asked again). A decision
+        still running under the old policy answers its exec but leaves no mark behind."""
+        with self._lock:
+            self._epoch += 1
+            if self._group >= 0:
+                try:
+                    fs.fanotify_mark(self._group, fs.FAN_MARK_FLUSH, 0, fs.AT_FDCWD, None)
+                except OSError:
+                    self._n["ignore_mark_errors"] += 1
+
     def stats(self) -> Dict[str, Union[int, str]]:
         with self._lock:
             out: Dict[str, Union[int, str]] = dict(self._n)
@@ -164,10 +178,11 @@ class FanotifyBackend:
         return out
 
     # -- marks ------------------------------------------------------------------------
-    def _ignore(self, p: Pending) -> bool:
+    def _ignore(self, p: Pending, epoch: Optional[int] = None) -> bool:
         """Kernel-side cache, then a re-check of the stamp: a change that raced the mark
-        means the verdict covers other bytes. Lock held; returns False when it changed."""
-        marked = self._ignore_marks and self._group >= 0
+        means the verdict covers other bytes. Lock held; returns False when it changed.
+        ``epoch``: the policy epoch the verdict was made in; a stale one adds no mark."""
+        marked = self._ignore_marks and self._group >= 0 and epoch in (None, self._epoch)
         if marked:
             try:
                 fs.ignore_mark(self._group, self._mask, p.fd)
@@ -196,6 +211,7 @@ class FanotifyBackend:
         poller.register(self._wake_r, select.POLLIN)
         while not self._stopping:
             ready = poller.poll(self._timeout_ms())
+            self.heartbeat.beat()
             self._beat()
             if any(fd == self._group for fd, _ in ready):
                 self._drain()
@@ -318,6 +334,7 @@ class FanotifyBackend:
             if p is None:
                 return
             detail = ""
+            epoch = self._epoch
             try:
                 allowed = bool(self._decide(p.event, p.fd))
             except Exception as e:  # a verifier bug must not kill the worker: deny
@@ -326,13 +343,13 @@ class FanotifyBackend:
                 p.done = True
                 if p.answered:  # the loop already gave the on_timeout answer
                     if allowed and not detail:
-                        self._ignore(p)  # the next exec of this file is a kernel cache hit
+                        self._ignore(p, epoch)  # the next exec is a kernel cache hit
                     os.close(p.fd)
                     self._n[Cause.LATE.value] += 1
                     cause = Cause.LATE
                 else:
                     cause = Cause.ERROR if detail else Cause.DECIDED
-                    if allowed and cause is Cause.DECIDED and not self._ignore(p):
+                    if allowed and cause is Cause.DECIDED and not self._ignore(p, epoch):
                         allowed, cause = False, Cause.CHANGED
                     self._answer(p, allowed, cause)
             self._note(self._outcome(p, cause, allowed, detail))

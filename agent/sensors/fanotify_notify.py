@@ -14,6 +14,7 @@ import threading
 from typing import Callable, Dict, Optional, Sequence
 
 from agent.decision import ExecEvent
+from agent.heartbeat import Heartbeat
 from agent.sensors import fanotify_scope as scope
 from agent.sensors import fanotify_sys as fs
 
@@ -36,6 +37,7 @@ class ExecNotifier:
         self.mask = 0
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self.heartbeat = Heartbeat("exec-notify")  # each wait: the service watchdog
         self.counts: Dict[str, int] = dict.fromkeys(
             ("events", "reported", "exempt", "out_of_scope", "not_executable", "errors",
              "overflows"), 0)
@@ -70,7 +72,8 @@ class ExecNotifier:
             return
 
     def _loop(self) -> None:
-        for events, problem in fs.notification_batches(self._group, self._stop):
+        for events, problem in fs.notification_batches(self._group, self._stop,
+                                                       on_turn=self.heartbeat.beat):
             if problem:
                 self.counts["errors"] += 1
             for ev in events:

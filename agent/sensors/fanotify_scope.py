@@ -95,6 +95,7 @@ class ProcInfo(NamedTuple):
     uid: int
     auid: int
     comm: str
+    gid: Optional[int] = None  # None: unknown (policy rules on gids then never match)
 
 
 def _read(path: str) -> bytes:
@@ -113,21 +114,27 @@ def _field(status: bytes, key: bytes) -> bytes:
 
 
 def proc_info(pid: int) -> ProcInfo:
-    """ppid, real uid, loginuid and comm of a process, best effort (-1 / "" when gone).
+    """ppid, real uid, loginuid, comm and real gid of a process, best effort (-1 / "" /
+    None when gone).
 
     Only /proc/<pid>/status and loginuid: neither takes the exec locks that a task holds
-    while the kernel waits for our answer."""
+    while the kernel waits for our answer. The process is blocked in execve before its
+    credentials change, so these are the caller's ids. Real, not effective, ids: the BPF
+    sensors report real ids (bpf_get_current_uid_gid), and a policy rule must mean the same
+    on every backend; they differ only when the caller itself runs set-id."""
     ppid = uid = auid = -1
+    gid: Optional[int] = None
     comm = ""
     try:
         status = _read(f"/proc/{pid}/status")
         comm = _field(status, b"Name:").decode("utf-8", "replace")
         ppid = int(_field(status, b"\nPPid:"))
         uid = int(_field(status, b"\nUid:").split()[0])  # real, effective, saved, fs
+        gid = int(_field(status, b"\nGid:").split()[0])  # real, effective, saved, fs
         auid = int(_read(f"/proc/{pid}/loginuid"))
     except (OSError, ValueError, IndexError):
         pass
-    return ProcInfo(ppid, uid, auid, comm)
+    return ProcInfo(ppid, uid, auid, comm, gid)
 
 
 def parent_of(pid: int) -> Tuple[int, int]:
@@ -180,4 +187,5 @@ def exec_event(pid: int, path: str, st: os.stat_result, backend: str) -> ExecEve
         identity=file_identity(st),
         timestamp_ns=time.time_ns(),
         backend=backend,
+        gid=info.gid,
     )

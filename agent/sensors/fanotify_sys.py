@@ -16,7 +16,7 @@ import select
 import struct
 import tempfile
 import threading
-from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 # <linux/fanotify.h>: fanotify_init flags
 FAN_CLOEXEC = 0x00000001
@@ -30,6 +30,7 @@ FAN_MARK_REMOVE = 0x00000002
 FAN_MARK_MOUNT = 0x00000010
 FAN_MARK_IGNORED_MASK = 0x00000020
 FAN_MARK_IGNORED_SURV_MODIFY = 0x00000040
+FAN_MARK_FLUSH = 0x00000080  # without MOUNT/FILESYSTEM: every inode mark
 FAN_MARK_FILESYSTEM = 0x00000100
 # event masks
 FAN_OPEN_PERM = 0x00010000
@@ -191,11 +192,15 @@ def errno_name(code: int | None) -> str:
     return f"{errno.errorcode.get(code, str(code))} ({os.strerror(code)})"
 
 
-def notification_batches(group_fd: int, stop: threading.Event, wait_s: float = 0.2
+def notification_batches(group_fd: int, stop: threading.Event, wait_s: float = 0.2,
+                         on_turn: Optional[Callable[[], None]] = None
                          ) -> Iterator[Tuple[List[Event], str]]:
     """Batches of events from a non-blocking notification group until ``stop`` is set or
-    the group is closed; each as ``parse_events`` returns it (the caller closes every fd)."""
+    the group is closed; each as ``parse_events`` returns it (the caller closes every fd).
+    ``on_turn`` is called at every wait, idle or not (a heartbeat)."""
     while not stop.is_set():
+        if on_turn is not None:
+            on_turn()
         ready, _, _ = select.select([group_fd], [], [], wait_s)
         if not ready:
             continue

@@ -27,6 +27,7 @@ from sigstore_models.trustroot import v1 as trustroot_v1
 from agent.digest import Artifact
 from agent.errors import Reason
 from agent.verify.bundle import ParsedBundle
+from agent.verify.fulcio_ext import fulcio_extensions
 from agent.verify.legacy_bundle import match_identity, verify_fulcio_signed
 from agent.verify.model import Evidence, IdentityRule, TrustConfig, Verdict
 from agent.verify.tlog import TlogEntry, TlogError, check_hashedrekord
@@ -38,8 +39,9 @@ class IdentityError(VerificationError):
 
 class IdentityPolicy:
     """sigstore ``VerificationPolicy``: the certificate must match one of the host's rules
-    (issuer exact; SAN exact or regex). SAN/issuer are read by our own code, which also
-    decodes the Sigstore otherName SAN correctly."""
+    (issuer exact; SAN exact or regex; Fulcio extension values exact or regex). SAN, issuer
+    and extensions are read by our own code, which also decodes the Sigstore otherName SAN
+    correctly."""
 
     def __init__(self, rules: Tuple[IdentityRule, ...]) -> None:
         self.rules = rules
@@ -130,7 +132,7 @@ def verify_keyless(artifact: Artifact, parsed: ParsedBundle, doc: Dict[str, Any]
         return verify_fulcio_signed(artifact, leaf, parsed.signature, entries[0], source,
                                     trust, claim)
     san, issuer, _ = match_identity(leaf, trust.identities)
-    evidence = replace(claim, identity=san, issuer=issuer,
+    evidence = replace(claim, identity=san, issuer=issuer, extensions=fulcio_extensions(leaf),
                        integrated_time=(entries[0].integrated_time or None) if entries else None)
     try:
         verifier = _verifier(trust.trusted_root)

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from agent.digest import Artifact
 from agent.errors import MalformedInput, Reason
 from agent.verify.bundle import MAX_CERT, MAX_SIGNATURE, BundleError
+from agent.verify.fulcio_ext import fulcio_extensions
 from agent.verify.keys import (
     describe_key,
     key_fingerprint,
@@ -55,11 +56,12 @@ def _b64(value: Any, what: str, limit: int) -> bytes:
 
 def match_identity(cert: x509.Certificate, rules: Tuple[IdentityRule, ...]
                    ) -> Tuple[Optional[str], Optional[str], Optional[IdentityRule]]:
-    """(first SAN, issuer, the rule that matched or None)."""
+    """(first SAN, issuer, the rule that matched or None); extension values count too."""
     sans, issuer = cert_identity(cert)
+    extensions = dict(fulcio_extensions(cert))
     for rule in rules:
         for san in sans:
-            if issuer is not None and rule.matches(san, issuer):
+            if issuer is not None and rule.matches(san, issuer, extensions):
                 return san, issuer, rule
     return (sans[0] if sans else None), issuer, None
 
@@ -159,7 +161,8 @@ def verify_fulcio_signed(artifact: Artifact, leaf: x509.Certificate, signature: 
     except MalformedInput as exc:
         return Verdict.fail(Reason.NO_TRUST_CONFIGURED, str(exc), claim)
     san, issuer, rule = match_identity(leaf, trust.identities)
-    evidence = replace(claim, identity=san, issuer=issuer, integrated_time=entry.integrated_time)
+    evidence = replace(claim, identity=san, issuer=issuer, integrated_time=entry.integrated_time,
+                       extensions=fulcio_extensions(leaf))
     when = datetime.fromtimestamp(entry.integrated_time, tz=timezone.utc)
     try:
         verify_fulcio_cert(leaf, when, root)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 from agent.errors import Reason
 
@@ -26,26 +26,74 @@ class TrustedKey:
     source: str  # file it came from, for explanations
 
 
+MODULE_REPO = "{module_repo}"  # template: filled in from the Go main module path
+
+
+def _fill(text: Optional[str], value: str, as_regex: bool) -> Optional[str]:
+    if text is None:
+        return None
+    return text.replace(MODULE_REPO, re.escape(value) if as_regex else value)
+
+
 @dataclass(frozen=True)
 class IdentityRule:
-    """A keyless signer the host trusts: exact OIDC issuer plus a SAN, exact or regex."""
+    """A keyless signer the host trusts: exact OIDC issuer plus a SAN, exact or regex, plus
+    Fulcio certificate extension values (``(OID, value)`` pairs, exact or regex) that must
+    all be present. A rule still holding a ``{module_repo}`` template (not bound to a module
+    with ``bind``) matches nothing."""
 
     issuer: str
     san: Optional[str] = None
     san_regex: Optional[str] = None
+    extensions: Tuple[Tuple[str, str], ...] = ()  # (dotted OID, exact value)
+    extensions_regex: Tuple[Tuple[str, str], ...] = ()  # (dotted OID, regex on whole value)
 
-    def matches(self, san: str, issuer: str) -> bool:
-        if issuer != self.issuer:
+    @property
+    def templated(self) -> bool:
+        texts = [self.san or "", self.san_regex or ""]
+        texts += [v for _, v in self.extensions + self.extensions_regex]
+        return any(MODULE_REPO in t for t in texts)
+
+    def bind(self, module_repo: Optional[str]) -> Optional[IdentityRule]:
+        """This rule with ``{module_repo}`` filled in; None when it needs a repository and
+        there is none (the module is not on a host the derivation knows)."""
+        if not self.templated:
+            return self
+        if module_repo is None:
+            return None
+        return IdentityRule(
+            self.issuer, _fill(self.san, module_repo, False),
+            _fill(self.san_regex, module_repo, True),
+            tuple((o, str(_fill(v, module_repo, False))) for o, v in self.extensions),
+            tuple((o, str(_fill(v, module_repo, True))) for o, v in self.extensions_regex))
+
+    def matches(self, san: str, issuer: str,
+                extensions: Optional[Mapping[str, str]] = None) -> bool:
+        if issuer != self.issuer or self.templated:
             return False
         if self.san is not None:
-            return san == self.san
-        if self.san_regex is not None:
-            return re.fullmatch(self.san_regex, san) is not None
-        return False
+            ok = san == self.san
+        elif self.san_regex is not None:
+            ok = re.fullmatch(self.san_regex, san) is not None
+        else:
+            ok = False
+        if not ok:
+            return False
+        have = extensions or {}
+        for oid, want in self.extensions:
+            if have.get(oid) != want:
+                return False
+        for oid, pattern in self.extensions_regex:
+            value = have.get(oid)
+            if value is None or re.fullmatch(pattern, value) is None:
+                return False
+        return True
 
     def describe(self) -> str:
         who = self.san if self.san is not None else f"/{self.san_regex}/"
-        return f"{who} from {self.issuer}"
+        claims = [f"{o}={v}" for o, v in self.extensions]
+        claims += [f"{o}=~/{v}/" for o, v in self.extensions_regex]
+        return f"{who} from {self.issuer}" + (f" with {', '.join(claims)}" if claims else "")
 
 
 @dataclass(frozen=True)
@@ -71,12 +119,16 @@ class Evidence:
     log_index: Optional[int] = None
     integrated_time: Optional[int] = None
     bundle_media_type: Optional[str] = None
+    # Fulcio certificate extensions (dotted OID, text) of a keyless signer, sorted by OID
+    extensions: Tuple[Tuple[str, str], ...] = ()
 
     def to_json(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {"kind": self.kind.value, "source": self.source}
         for name in ("key_fingerprint", "identity", "issuer", "log_index", "integrated_time",
                      "bundle_media_type"):
             out[name] = getattr(self, name)
+        if self.extensions:  # keyless only: the key is absent from every other record
+            out["extensions"] = dict(self.extensions)
         return out
 
 

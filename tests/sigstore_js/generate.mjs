@@ -104,10 +104,22 @@ function trustedRoot(svc) {
 }
 
 // An unsigned JWT: the mock Fulcio decodes the claims without checking a signature.
-function identityToken(sub) {
+function identityToken(sub, claims = {}) {
   const b64 = (o) => Buffer.from(JSON.stringify(o)).toString('base64url');
-  return `${b64({ alg: 'none' })}.${b64({ iss: ISSUER, sub, aud: 'sigstore' })}.`;
+  return `${b64({ alg: 'none' })}.${b64({ iss: ISSUER, sub, aud: 'sigstore', ...claims })}.`;
 }
+
+// The claims a GitHub Actions OIDC token carries (values invented, names real); the mock
+// Fulcio turns them into the certificate extensions 1.3.6.1.4.1.57264.1.2-1.6 and 1.9-1.22.
+const WORKFLOW = 'execguard/hello/.github/workflows/release.yml@refs/tags/v1.0.0';
+const GITHUB_CLAIMS = {
+  repository: 'execguard/hello', repository_id: '123456', repository_owner: 'execguard',
+  repository_owner_id: '654321', repository_visibility: 'public', ref: 'refs/tags/v1.0.0',
+  sha: '0123456789abcdef0123456789abcdef01234567', event_name: 'push', workflow: 'release',
+  job_workflow_ref: WORKFLOW, job_workflow_sha: '0123456789abcdef0123456789abcdef01234567',
+  workflow_ref: WORKFLOW, workflow_sha: '0123456789abcdef0123456789abcdef01234567',
+  runner_environment: 'github-hosted', run_id: '42', run_attempt: '1',
+};
 
 // nock interceptors fire once: register a fresh pair for every bundle.
 function arm(svc, { onelinePEM = false } = {}) {
@@ -115,10 +127,10 @@ function arm(svc, { onelinePEM = false } = {}) {
   mock(REKOR_URL, svc.rekor);
 }
 
-function keylessSigner(sub = IDENTITY) {
+function keylessSigner(sub = IDENTITY, claims = {}) {
   return new FulcioSigner({
     fulcioBaseURL: FULCIO_URL,
-    identityProvider: { getToken: async () => identityToken(sub) },
+    identityProvider: { getToken: async () => identityToken(sub, claims) },
   });
 }
 
@@ -157,7 +169,9 @@ function managedSigner(keyPair) {
   };
 }
 
-const manifest = { identity: IDENTITY, issuer: ISSUER, generator: {}, files: {} };
+const manifest = {
+  identity: IDENTITY, issuer: ISSUER, github_claims: GITHUB_CLAIMS, generator: {}, files: {},
+};
 function write(name, obj, what) {
   fs.writeFileSync(path.join(outDir, name), typeof obj === 'string' ? obj : JSON.stringify(obj, null, 2));
   manifest.files[name] = what;
@@ -211,6 +225,23 @@ const otherBundle = bundleToJSON(await new MessageSignatureBundleBuilder({
   signer: keylessSigner(), witnesses: [rekor()],
 }).create({ data: other }));
 write('keyless-other-artifact.json', otherBundle, 'keyless v0.2 bundle over OTHER_ARTIFACT');
+
+// A certificate carrying GitHub Actions claims as Fulcio extensions (the policy matches them).
+arm(good);
+const github = bundleToJSON(await new MessageSignatureBundleBuilder({
+  signer: keylessSigner(IDENTITY, GITHUB_CLAIMS), witnesses: [rekor()],
+}).create({ data: artifact }));
+write('keyless-github.json', github, 'keyless v0.2, token with GitHub Actions claims (extensions)');
+const githubSet = { ...structuredClone(github),
+  mediaType: 'application/vnd.dev.sigstore.bundle+json;version=0.1' };
+delete githubSet.verificationMaterial.tlogEntries[0].inclusionProof;
+write('keyless-github-set-only.json', githubSet,
+  'keyless-github.json re-labelled v0.1 with inclusionProof deleted (SET only)');
+arm(good);
+const githubOther = bundleToJSON(await new MessageSignatureBundleBuilder({
+  signer: keylessSigner(IDENTITY, GITHUB_CLAIMS), witnesses: [rekor()],
+}).create({ data: other }));
+write('keyless-github-other.json', githubOther, 'as keyless-github.json, over OTHER_ARTIFACT');
 
 // -- a managed key: with a Rekor entry, and without any tlog ----------------------------------
 const managed = crypto.generateKeyPairSync('ec', { namedCurve: 'P-256' });

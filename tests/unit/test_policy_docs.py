@@ -31,8 +31,21 @@ def test_example_parses(material: Material, tmp_path: Path) -> None:
             .replace("sha256:4f0c…(64 hex digits)", fp))
     snap = parse_policy(text.encode(), "example.toml")
     assert snap.mode is Mode.ENFORCE and [r.rule_id for r in snap.rules] == [
-        "no-tmp", "acme-go", "scripts-by-ops"]
-    assert snap.rules[1].module_pins and snap.rules[1].predicate is not None
+        "no-tmp", "trial-tools", "acme-go", "scripts-by-ops"]
+    assert snap.rules[1].mode is Mode.MONITOR and snap.rules[1].match.owner_uids == (1000,)
+    acme = snap.rules[2]
+    assert len(acme.module_pins) == 2 and acme.predicate is not None
+    assert "-trimpath=true" in acme.predicate.describe()
+    assert acme.module_pins[1].signers.identities[0].templated
+    assert snap.trust.identities[0].extensions_regex
+    assert snap.rules[3].match.gids == (998,)
+
+
+def test_identity_example_parses() -> None:
+    block = next(b for b in toml_blocks() if b.startswith("[[trust.identities]]"))
+    snap = parse_policy(f"version = 1\n[trust]\nkeys = []\n{block}".encode(), "ids.toml")
+    rule = snap.trust.identities[0]
+    assert len(rule.extensions) == 2 and len(rule.extensions_regex) == 1
 
 
 def test_documented_default_matches_the_embedded_one() -> None:

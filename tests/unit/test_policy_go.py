@@ -8,12 +8,15 @@ when empty; version orderings follow Go's and semver's rules.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Optional
 
 import pytest
 
-from agent.errors import Reason
-from agent.goinfo import BuildInfo, Module
+from agent.errors import MalformedInput, Reason
+from agent.goinfo import BuildInfo, Module, parse_bytes
+from agent.policy import parse_policy
 from agent.policy.globs import Glob
 from agent.policy.model import ModulePin, PolicyViolation, SignerSpec, Subject
 from agent.policy.predicates import (
@@ -23,12 +26,14 @@ from agent.policy.predicates import (
     DenyVcsModified,
     MinGoVersion,
     ModuleBan,
+    RequireTrimpath,
     SignerForModule,
     parse_go_version,
     parse_semver,
 )
 from agent.verify.keys import load_public_key
 from agent.verify.model import Evidence, IdentityRule, SignatureKind
+from tests.goinfo_fixtures import GO, _go_env, run
 from tests.policy_fixtures import Material, material_fixture  # noqa: F401
 
 
@@ -93,7 +98,7 @@ def test_deny_modules_checks_replacements() -> None:
 
 def test_missing_build_info_fails_every_go_predicate() -> None:
     unreadable = subj(None)  # Go, but the build info was malformed
-    preds = [MinGoVersion("1.0"), DenyVcsModified(),
+    preds = [MinGoVersion("1.0"), DenyVcsModified(), RequireTrimpath(),
              DenyModules((ModuleBan("x", frozenset({"v1.0.0"})),)),
              SignerForModule((ModulePin(Glob.compile("*", False), SignerSpec()),))]
     for pred in preds:
@@ -163,3 +168,34 @@ def test_semver_order(older: str, newer: str) -> None:
 def test_unparseable_versions() -> None:
     assert parse_semver("(devel)") is None and parse_semver("1.2.3") is None
     assert parse_go_version("go1.22-abc") is None
+
+
+def test_require_trimpath_on_real_builds(material: Material, tmp_path: Path) -> None:
+    """``go build -trimpath`` stamps ``-trimpath=true``; a plain build has no such setting."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "go.mod").write_text("module example.com/trim\n\ngo 1.19\n")
+    (src / "main.go").write_text('package main\n\nfunc main() {}\n')
+    run([GO, "build", "-trimpath", "-o", str(tmp_path / "trim"), "."], cwd=src,
+        env=_go_env(tmp_path))
+    trimmed = parse_bytes((tmp_path / "trim").read_bytes(), "trim")
+    assert trimmed.setting("-trimpath") == "true"
+    RequireTrimpath().check(subj(trimmed))
+    plain = material.bins["app"].info
+    assert plain.setting("-trimpath") is None
+    v = violation(RequireTrimpath(), subj(plain))
+    assert v.reason is Reason.GO_PREDICATE and "-trimpath=absent" in v.detail
+    off = BuildInfo("go1.22.1", settings=(("-trimpath", "false"),))
+    assert "-trimpath=false" in violation(RequireTrimpath(), subj(off)).detail
+
+
+def test_require_trimpath_in_a_policy(material: Material) -> None:
+    doc = {"version": 1, "trust": {"keys": [str(material.keys["a"])]}, "rules": [
+        {"id": "g", "action": "require-signature", "match": {"go": True},
+         "go": {"require_trimpath": True}}]}
+    snap = parse_policy(json.dumps(doc).encode(), "p.json")
+    assert snap.rules[0].predicate is not None
+    assert "-trimpath=true" in snap.rules[0].predicate.describe()
+    doc["rules"][0]["go"] = {"require_trimpath": False}  # type: ignore[index]
+    with pytest.raises(MalformedInput, match="sets no Go predicate"):
+        parse_policy(json.dumps(doc).encode(), "p.json")

@@ -258,3 +258,32 @@ def test_no_partial_policy_on_error() -> None:
     bad = TOML_POLICY.replace('deny_vcs_modified = true', 'deny_vcs_modified = "no"')
     with pytest.raises(MalformedInput, match=r"rules\[1\] \(id go\).go.deny_vcs_modified"):
         parse_policy(bad.encode(), "bad.toml")
+
+
+def test_rule_errors_name_the_rule_line() -> None:
+    """Schema errors and load errors inside a rule name the line of the rule: the line of
+    its ``id`` (as ``Rule.source_line``), or of its ``[[rules]]`` header when it has none."""
+    text = ('version = 1\n[trust]\nkeys = []\n\n[[rules]]\nid = "a"\naction = "allow"\n\n'
+            '[[rules]]\nid = "b"\naction = "require-signature"\nmatch = { go = true }\n'
+            '[rules.go]\nmin_version = "one.twenty"\n')
+    with pytest.raises(MalformedInput) as err:
+        parse_policy(text.encode(), "p.toml")
+    assert "p.toml: line 10: rules[1] (id b).go.min_version" in str(err.value)
+    no_id = text.replace('id = "b"\n', "")
+    with pytest.raises(MalformedInput, match=r"line 9: rules\[1\]\.id: required key"):
+        parse_policy(no_id.encode(), "p.toml")
+    as_json = json.dumps(doc(rules=[rule(id="a"), rule(id="b", match={"gids": "x"})]),
+                         indent=1)
+    with pytest.raises(MalformedInput) as err:
+        parse_policy(as_json.encode(), "p.json")
+    line = as_json.splitlines().index('   "id": "b",') + 1
+    assert f"line {line}: rules[1] (id b).match.gids: expected an array" in str(err.value)
+    # a file the rule names (a load error, after the schema): the rule's line too
+    missing = text.replace('min_version = "one.twenty"',
+                           'module_signers = [{ module = "x/*", keys = ["/nonexistent.pub"] }]')
+    with pytest.raises(MalformedInput, match=r"line 10: rules\[1\] \(id b\)\.go\.module_signers"):
+        parse_policy(missing.encode(), "p.toml")
+    # outside the rules: the key alone
+    with pytest.raises(MalformedInput) as err:
+        parse_policy(b'version = 1\nmdoe = "x"\n', "p.toml")
+    assert "line" not in str(err.value) and "mdoe: unknown key" in str(err.value)

@@ -31,7 +31,7 @@ def test_documented_shape() -> None:
     assert list(obj) == TOP_KEYS
     assert obj["v"] == SCHEMA_VERSION and obj["decision"] == "deny"
     assert obj["time"] == "2026-11-18T11:06:40.000003Z"
-    assert list(obj["event"]) == ["pid", "ppid", "uid", "auid", "comm", "path", "dev", "ino",
+    assert list(obj["event"]) == ["pid", "ppid", "uid", "gid", "auid", "comm", "path", "dev", "ino",
                                   "ctime_ns", "size", "backend"]
     assert obj["evidence"]["kind"] == "sigstore-bundle-keyless"
     assert obj["evidence"]["log_index"] == 123456789
