@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from typing import Any, Dict, Optional
 
@@ -20,6 +19,7 @@ from agent.breakglass import (
 )
 from agent.control import ControlError, request, socket_path
 from agent.errors import ExecguardError, InputError
+from agent.fileio import read_small_file
 
 EXIT_OK, EXIT_REJECTED, EXIT_ERROR, EXIT_NO_AGENT = 0, 1, 2, 3
 
@@ -199,12 +199,7 @@ def _read_token(path: str) -> str:
     if path == "-":
         data = sys.stdin.buffer.read(MAX_TOKEN_BYTES + 1)
     else:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-            with os.fdopen(fd, "rb") as fh:
-                data = fh.read(MAX_TOKEN_BYTES + 1)
-        except OSError as exc:
-            raise InputError(path, exc.strerror or str(exc)) from None
+        data = read_small_file(path, MAX_TOKEN_BYTES, "a break-glass token")
     if len(data) > MAX_TOKEN_BYTES:
         raise InputError(path, f"larger than {MAX_TOKEN_BYTES} bytes: not a break-glass token")
     try:

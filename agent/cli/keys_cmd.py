@@ -6,13 +6,13 @@ import argparse
 import base64
 import getpass
 import os
-import stat
 import sys
 from typing import Any
 
 from agent import signing
 from agent.digest import Artifact
-from agent.errors import ExecguardError, InputError
+from agent.errors import ExecguardError
+from agent.fileio import read_small_file
 from agent.verify import keys
 from agent.verify.bundle import build_key_bundle
 
@@ -90,16 +90,7 @@ def run_keygen(args: argparse.Namespace) -> int:
 
 
 def _read_key(path: str) -> bytes:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-        with os.fdopen(fd, "rb") as fh:
-            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-                raise InputError(path, "is not a regular file")
-            return fh.read(signing.MAX_PRIVATE_KEY_FILE + 1)
-    except IsADirectoryError:
-        raise InputError(path, "is a directory, not a private key") from None
-    except OSError as exc:
-        raise InputError(path, exc.strerror or str(exc)) from None
+    return read_small_file(path, signing.MAX_PRIVATE_KEY_FILE, "a private key")
 
 
 def run_sign(args: argparse.Namespace) -> int:

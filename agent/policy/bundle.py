@@ -28,6 +28,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from agent.envelope import Envelope, parse_envelope
 from agent.errors import ExecguardError, InputError, MalformedInput
+from agent.fileio import read_small_file
 from agent.policy import schema
 from agent.policy.build import KEY_SUFFIXES, build_snapshot, canonical_text
 from agent.policy.load import load_policy
@@ -169,22 +170,7 @@ def parse_payload(payload: bytes, source: str) -> PolicyBundle:
 
 def read_bundle_file(path: str) -> bytes:
     """The bytes of a bundle file (regular files only, size-capped); InputError otherwise."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError as exc:
-        raise InputError(path, exc.strerror or str(exc)) from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise InputError(path, "is not a regular file")
-        with os.fdopen(os.dup(fd), "rb") as fh:
-            data = fh.read(MAX_BUNDLE_BYTES + 1)
-    except OSError as exc:
-        raise InputError(path, f"read failed: {exc.strerror or exc}") from None
-    finally:
-        os.close(fd)
-    if len(data) > MAX_BUNDLE_BYTES:
-        raise MalformedInput(path, f"larger than {MAX_BUNDLE_BYTES} bytes, not a policy bundle")
-    return data
+    return read_small_file(path, MAX_BUNDLE_BYTES, "a policy bundle")
 
 
 def parse_envelope_bytes(data: bytes, source: str) -> Envelope:

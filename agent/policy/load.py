@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import stat
 import sys
 from importlib import resources
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from agent.errors import InputError, MalformedInput
+from agent.errors import MalformedInput
+from agent.fileio import read_small_file
 from agent.policy import schema
 from agent.policy.build import build_snapshot
 from agent.policy.model import PolicySnapshot
@@ -30,27 +30,7 @@ DEFAULT_SOURCE = "<embedded default policy>"
 
 
 def _read(path: str) -> bytes:
-    try:  # O_NONBLOCK + regular-file check: a FIFO named as the policy must not hang us
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError as exc:
-        raise InputError(path, exc.strerror or str(exc)) from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise InputError(path, "is not a regular file")
-        chunks, size = [], 0
-        while size <= MAX_POLICY_BYTES:
-            chunk = os.read(fd, MAX_POLICY_BYTES + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-    except OSError as exc:
-        raise InputError(path, f"read failed: {exc.strerror or exc}") from None
-    finally:
-        os.close(fd)
-    if size > MAX_POLICY_BYTES:
-        raise MalformedInput(path, f"larger than {MAX_POLICY_BYTES} bytes, not a policy")
-    return b"".join(chunks)
+    return read_small_file(path, MAX_POLICY_BYTES, "a policy")
 
 
 def _no_duplicates(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
-import stat
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -20,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from agent.digest import Artifact
 from agent.errors import MalformedInput
+from agent.fileio import read_small_file
 from agent.verify.model import TrustedKey
 
 PublicKey = Union[ec.EllipticCurvePublicKey, rsa.RSAPublicKey, ed25519.Ed25519PublicKey]
@@ -64,20 +63,7 @@ def parse_public_key(data: bytes, source: str) -> TrustedKey:
 
 
 def load_public_key(path: str) -> TrustedKey:
-    from agent.errors import InputError
-
-    try:  # O_NONBLOCK + regular-file check: a FIFO given as --key must not hang us
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-        with os.fdopen(fd, "rb") as fh:
-            mode = os.fstat(fh.fileno()).st_mode
-            if stat.S_ISDIR(mode):
-                raise InputError(path, "is a directory, not a public key file")
-            if not stat.S_ISREG(mode):
-                raise InputError(path, "is not a regular file")
-            data = fh.read(MAX_KEY_FILE + 1)
-    except OSError as exc:
-        raise InputError(path, exc.strerror or str(exc)) from None
-    return parse_public_key(data, path)
+    return parse_public_key(read_small_file(path, MAX_KEY_FILE, "a public key file"), path)
 
 
 def check_supported(key: Any, source: str) -> None:

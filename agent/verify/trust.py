@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import stat
 from typing import List, Sequence
 
 from agent.errors import ExecguardError, InputError, MalformedInput
+from agent.fileio import read_small_file
 from agent.verify.keys import load_public_key
 from agent.verify.model import IdentityRule, TrustConfig, TrustedKey
 
@@ -20,23 +20,7 @@ class TrustOptionsError(ExecguardError):
 
 
 def _read_trusted_root(path: str) -> bytes:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError as exc:
-        raise InputError(path, exc.strerror or str(exc)) from None
-    try:
-        if stat.S_ISDIR(os.fstat(fd).st_mode):
-            raise InputError(path, "is a directory, not a trusted_root.json")
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise InputError(path, "is not a regular file")
-        with os.fdopen(os.dup(fd), "rb") as fh:
-            data = fh.read(MAX_TRUSTED_ROOT + 1)
-    except OSError as exc:
-        raise InputError(path, f"read failed: {exc.strerror or exc}") from None
-    finally:
-        os.close(fd)
-    if len(data) > MAX_TRUSTED_ROOT:
-        raise MalformedInput(path, f"over {MAX_TRUSTED_ROOT} bytes, not a trusted root")
+    data = read_small_file(path, MAX_TRUSTED_ROOT, "a trusted_root.json")
     try:
         doc = json.loads(data)
     except ValueError as exc:

@@ -177,7 +177,7 @@ def test_bad_text(data: bytes, name: str, message: str) -> None:
 def test_file_read_errors(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="No such file"):
         load_policy(str(tmp_path / "missing.toml"))
-    with pytest.raises(InputError, match="is not a regular file"):
+    with pytest.raises(InputError, match="is a directory, not a policy"):
         load_policy(str(tmp_path))
     fifo = tmp_path / "fifo.toml"
     os.mkfifo(fifo)  # a FIFO must not hang the loader
