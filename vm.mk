@@ -10,3 +10,9 @@ vm-setup: setup-test
 # One JUnit XML per mode in $(RESULTS)/vm/; any failure, error or skip fails the target.
 vm-test: vm-setup
 	@VENV=$(VENV) RESULTS=$(RESULTS) ./scripts/vm-run.sh
+
+# The bpf-lsm exec overhead inside the VM (bench/lsm_overhead.py): off vs monitor vs enforce.
+# Figures in $(RESULTS)/vm-bench/lsm-overhead.json; they go in docs/performance.md.
+.PHONY: bench-lsm
+bench-lsm: vm-setup
+	@VENV=$(VENV) RESULTS=$(RESULTS) ./scripts/vm-bench-lsm.sh

@@ -330,9 +330,16 @@ class SensorRunner:
     def enforcing(self) -> bool:
         return self.kill and self.decider.store.current.snapshot.mode is Mode.ENFORCE
 
+    def _kernel_judges(self, snapshot: PolicySnapshot) -> bool:
+        """The kernel's per-file verdicts may decide (kill, or let a cache hit pass). Not
+        when a rule depends on the caller (uids, gids): one caller's allow in the map would
+        let every other caller run the file unjudged. Then every exec is decided here and
+        a denied one is killed by the agent after verification."""
+        return self.kill and not snapshot.caller_dependent
+
     def start(self) -> None:
         sensor = self._open_sensor()
-        if self.enforcing():
+        if self.enforcing() and self._kernel_judges(self.decider.store.current.snapshot):
             # the kernel kills only on devices the policy covers whole: a scope root that is
             # a mount point; other scopes get the agent's own (later) kill
             _rescope(sensor, self.decider.store.current.snapshot)
@@ -386,7 +393,7 @@ class SensorRunner:
         finally:
             os.close(fd)
         self._n["decided"] += 1
-        if snapshot.in_scope(event.path) and self.kill:
+        if snapshot.in_scope(event.path) and self._kernel_judges(snapshot):
             self._kv.write(self._sensor, event.identity, _map_allows(decision, snapshot.mode),
                            generation)
         if rec.action is KernelAction.KILLED:
@@ -413,8 +420,9 @@ class SensorRunner:
         return self.heartbeat.check(max_silence_s)
 
     def remember(self, path: str, identity: FileIdentity, allow: bool) -> None:
-        if self.kill and self._sensor is not None and \
-                self.decider.store.current.snapshot.in_scope(path):
+        snapshot = self.decider.store.current.snapshot
+        if self._sensor is not None and self._kernel_judges(snapshot) and \
+                snapshot.in_scope(path):
             self._kv.write(self._sensor, identity, allow, self._kv.generation)
 
     def policy_changed(self, snapshot: PolicySnapshot) -> None:
@@ -423,12 +431,12 @@ class SensorRunner:
         sensor = self._sensor
         if sensor is None:
             return
-        kill = self.kill and snapshot.mode is Mode.ENFORCE
+        kill = snapshot.mode is Mode.ENFORCE and self._kernel_judges(snapshot)
         if not kill:
             sensor.set_mode(kill=False, deny_unknown=False)  # loosen before anything else
         self._n["verdicts_dropped"] += self._kv.reset(sensor)
         self._recorded.clear()
-        if self.kill:
+        if kill:
             _rescope(sensor, snapshot)
         sensor.set_mode(kill=kill, deny_unknown=kill)
         self._n["policy_swaps"] += 1
@@ -715,7 +723,9 @@ class LsmRunner:
         finally:
             os.close(fd)
         self._n["decided"] += 1
-        self._kv.write(self._sensor, ident, _map_allows(decision, snapshot.mode), generation)
+        if self._per_file_ok(snapshot):
+            self._kv.write(self._sensor, ident, _map_allows(decision, snapshot.mode),
+                           generation)
         if eperm and decision.allow:  # denied as unknown; trusted now, so the next exec runs
             decision = _replace(decision, allow=False, reason=Reason.UNVERIFIED,
                                 enforcement=self.enforcement,
@@ -736,8 +746,16 @@ class LsmRunner:
 
     def remember(self, path: str, identity: FileIdentity, allow: bool) -> None:
         """The pre-scan and close-after-write verdicts: into the map before the first exec."""
-        if self.covers(identity) and self.decider.store.current.snapshot.in_scope(path):
+        snapshot = self.decider.store.current.snapshot
+        if self.covers(identity) and snapshot.in_scope(path) and not snapshot.caller_dependent:
             self._kv.write(self._sensor, identity, allow, self._kv.generation)
+
+    def _per_file_ok(self, snapshot: PolicySnapshot) -> bool:
+        """A verdict decided for one exec may stand for the file: always, unless a rule
+        depends on the caller and no fanotify fill re-decides each exec for its own caller
+        (then it would let the next caller run unjudged; without it, such files stay
+        unknown and enforce denies them: fail closed)."""
+        return not snapshot.caller_dependent or self._feeder is not None
 
     def stop(self) -> None:
         self._stop.set()

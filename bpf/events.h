@@ -45,10 +45,12 @@ struct eg_exec_event {
 	__s32 kill_err;
 	__u32 pid;    /* tgid of the exec'ing process */
 	__u32 ppid;   /* tgid of its real parent */
-	__u32 uid;
+	__u32 uid;    /* real uid: low half of bpf_get_current_uid_gid() */
 	__u32 auid;   /* loginuid; 4294967295 when unset */
 	__u32 dev;    /* kernel encoding: MKDEV(major, minor) = major << 20 | minor */
-	__u32 _pad0;
+	__u32 gid;    /* real gid: high half of bpf_get_current_uid_gid(), i.e. current_cred()->gid
+		       * in the initial user namespace (not the egid or fsgid; an exec never
+		       * changes the real gid, so before and after the exec agree) */
 	__u64 ino;
 	__u64 ctime_ns;
 	__u64 size;

@@ -69,7 +69,9 @@ static __always_inline void eg_fill_and_decide(struct eg_exec_event *e, const vo
 
 	e->op = EG_MSG_EXEC;
 	e->pid = bpf_get_current_pid_tgid() >> 32;
-	e->uid = (__u32)bpf_get_current_uid_gid();
+	__u64 uid_gid = bpf_get_current_uid_gid();
+	e->uid = (__u32)uid_gid;
+	e->gid = (__u32)(uid_gid >> 32);
 	e->boot_ns = bpf_ktime_get_boot_ns();
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
 

@@ -12,7 +12,7 @@ REPO=$(pwd)
 VENV=${VENV:-.venv}
 RESULTS=${RESULTS:-test-results}
 OUT=$(mkdir -p "$RESULTS/vm" && cd "$RESULTS/vm" && pwd)
-BOOT_DEADLINE=${EG_VM_BOOT_DEADLINE:-900}  # seconds per boot, suite included
+BOOT_DEADLINE=${EG_VM_BOOT_DEADLINE:-2400}  # seconds per boot, suite included (3 runs in boot 1)
 MEMORY=${EG_VM_MEMORY:-2G}
 PHASES=${EG_VM_PHASES:-runtime boot}
 

@@ -15,7 +15,7 @@ import time
 from typing import Any, Dict, List, Mapping
 
 from agent.cli import EXIT_ERROR, EXIT_OK, EXIT_UNTRUSTED
-from agent.sensors import probe
+from agent.sensors import bcc_probe, probe
 from agent.sensors.probe import Choice, ProbeResult
 
 WIDTH = 100
@@ -39,6 +39,15 @@ def add_parser(subparsers: Any) -> None:
         "bpf-lsm, fmod-ret and kill are then not evaluated",
     )
     p.add_argument(
+        "--probe-timeout",
+        type=probe_seconds,
+        default=None,
+        metavar="S",
+        help=f"seconds for all BCC probes together (default: ${bcc_probe.TIMEOUT_ENV}, "
+        f"else {bcc_probe.CHILD_TIMEOUT:.0f}); raise it on slow or emulated machines, where "
+        "one BCC compile can take 30 s",
+    )
+    p.add_argument(
         "--backend",
         choices=("auto", *probe.BACKEND_NAMES),
         default="auto",
@@ -47,8 +56,21 @@ def add_parser(subparsers: Any) -> None:
     p.set_defaults(run=run)
 
 
+def probe_seconds(text: str) -> float:
+    """argparse type for --probe-timeout (shared with ``execguard run``)."""
+    try:
+        return bcc_probe.parse_timeout(text, "--probe-timeout")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def report(
-    probes: Mapping[str, ProbeResult], choice: Choice, *, compiled: bool, elapsed: float
+    probes: Mapping[str, ProbeResult],
+    choice: Choice,
+    *,
+    compiled: bool,
+    elapsed: float,
+    probe_timeout: float | None = None,
 ) -> Dict[str, Any]:
     lsms = probe.active_lsms()
     return {
@@ -64,6 +86,7 @@ def report(
             "enforcing": choice.enforcing,
             "reasons": [r._asdict() for r in choice.reasons],
         },
+        "probe_timeout_s": probe_timeout,
         "elapsed_s": round(elapsed, 3),
     }
 
@@ -113,10 +136,16 @@ def render(rep: Dict[str, Any], choice: Choice) -> str:
 def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     try:
+        timeout = bcc_probe.resolve_timeout(getattr(args, "probe_timeout", None))
+    except ValueError as exc:  # a malformed $EXECGUARD_PROBE_TIMEOUT
+        print(f"execguard doctor: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    try:
         compiled = not args.no_compile
-        probes = probe.run_probes(compile=compiled)
+        probes = probe.run_probes(compile=compiled, timeout=timeout)
         choice = probe.choose_backend(probes, args.backend)
-        rep = report(probes, choice, compiled=compiled, elapsed=time.monotonic() - started)
+        rep = report(probes, choice, compiled=compiled, elapsed=time.monotonic() - started,
+                     probe_timeout=timeout)
     except Exception as exc:  # doctor reports its own failure rather than a traceback
         print(f"execguard doctor: internal error: {exc!r}", file=sys.stderr)
         return EXIT_ERROR

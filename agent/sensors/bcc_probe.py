@@ -22,7 +22,11 @@ from typing import IO, Any, Callable, Dict, List, Tuple
 
 from agent.sensors.probe import NEEDS_ROOT_HINT, ProbeResult
 
-CHILD_TIMEOUT = 30.0  # seconds for the whole child; each step takes ~0.3 s here
+CHILD_TIMEOUT = 30.0  # default seconds for the whole child; each step takes ~0.3 s here
+# Under emulation (qemu TCG on a shared CPU) one BCC compile takes 6-30 s: the budget is a
+# knob (doctor/run --probe-timeout, or this variable for harnesses that cannot pass flags).
+TIMEOUT_ENV = "EXECGUARD_PROBE_TIMEOUT"
+TIMEOUT_MAX = 3600.0
 TAG = "execguard-bcc-probe "  # marks our lines on stdout
 EXEC_TP = "sched:sched_process_exec"
 
@@ -171,6 +175,29 @@ def child_main(argv: List[str]) -> int:
 # ---------------------------------------------------------------- parent side
 
 
+def parse_timeout(text: str, source: str) -> float:
+    """Seconds in (0, TIMEOUT_MAX]; ValueError naming ``source`` otherwise."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{source}: {text!r} is not a number of seconds") from None
+    if not 0 < value <= TIMEOUT_MAX:  # also refuses nan and inf
+        raise ValueError(f"{source}: {text!r} must be more than 0 and at most "
+                         f"{TIMEOUT_MAX:.0f} seconds")
+    return value
+
+
+def resolve_timeout(given: float | None = None) -> float:
+    """The probe child's budget: ``given`` (a CLI flag), else $EXECGUARD_PROBE_TIMEOUT, else
+    CHILD_TIMEOUT. ValueError when the variable is malformed (callers report it)."""
+    if given is not None:
+        return parse_timeout(repr(given), "--probe-timeout")
+    env = os.environ.get(TIMEOUT_ENV)
+    if env is not None and env.strip():
+        return parse_timeout(env.strip(), TIMEOUT_ENV)
+    return CHILD_TIMEOUT
+
+
 @dataclass
 class Child:
     proc: subprocess.Popen[str] | None
@@ -178,9 +205,10 @@ class Child:
     load: bool
     started: float = field(default_factory=time.monotonic)
     error: str | None = None
+    timeout: float | None = None  # None: CHILD_TIMEOUT
 
 
-def start(*, compile: bool, load: bool) -> Child:
+def start(*, compile: bool, load: bool, timeout: float | None = None) -> Child:
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -199,8 +227,8 @@ def start(*, compile: bool, load: bool) -> Child:
             start_new_session=True,  # so a timeout kills the whole group
         )
     except OSError as exc:
-        return Child(None, compile, load, error=f"cannot start {cmd[0]}: {exc}")
-    return Child(proc, compile, load)
+        return Child(None, compile, load, error=f"cannot start {cmd[0]}: {exc}", timeout=timeout)
+    return Child(proc, compile, load, timeout=timeout)
 
 
 def stop(child: Child) -> None:
@@ -214,14 +242,16 @@ def _collect(child: Child) -> Tuple[Dict[str, Dict[str, Any]], str | None, str]:
     """Records by step name, the step that was running when the child died (if any), why."""
     if child.proc is None:
         return {}, "bcc", child.error or "child did not start"
-    left = max(0.1, CHILD_TIMEOUT - (time.monotonic() - child.started))
+    budget = child.timeout if child.timeout is not None else CHILD_TIMEOUT
+    left = max(0.1, budget - (time.monotonic() - child.started))
     try:
         stdout, stderr = child.proc.communicate(timeout=left)
         why = f"child exited with status {child.proc.returncode}: {stderr.strip()[-300:]}"
     except subprocess.TimeoutExpired:
         stop(child)
         stdout, stderr = child.proc.communicate()
-        why = f"timed out after {CHILD_TIMEOUT:.0f} s"
+        why = (f"timed out after {budget:g} s (raise it with --probe-timeout or "
+               f"{TIMEOUT_ENV})")
     records: Dict[str, Dict[str, Any]] = {}
     running: str | None = None
     for line in stdout.splitlines():

@@ -266,6 +266,16 @@ class BpfExecSensor:
         with self._map_op("forget"), contextlib.suppress(KeyError):
             del self._verdicts[self._key(identity)]
 
+    def clear_verdicts(self) -> int:
+        """Drop every verdict (a policy reload: none decided under the old policy stands)."""
+        dropped = 0
+        with self._map_op("clear_verdicts"):
+            for key in list(self._verdicts.keys()):
+                with contextlib.suppress(KeyError):
+                    del self._verdicts[key]
+                    dropped += 1
+        return dropped
+
     def add_scope_dev(self, st_dev: int) -> None:
         """Enforce on every file of this filesystem (``stat().st_dev``). A whole-device scope:
         only add devices whose every executable is in the policy's scope.

@@ -24,7 +24,7 @@ import os
 import struct
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Optional, Set, Tuple
 
 from agent.decision import FileIdentity
 from agent.sensors.bpf_exec import (
@@ -101,77 +101,120 @@ def func_params(blob: bytes, name: str) -> Optional[int]:
     return protos.get(target) if target is not None else None
 
 
-def lsm_offsets(btf: Btf, blob: bytes) -> Dict[str, int]:
-    """The ``EG_*`` macros bpf/exec_lsm.c needs, from this kernel's BTF."""
+def verdict_offsets(btf: Btf, blob: bytes, setattr_func: str) -> Dict[str, int]:
+    """The ``EG_*`` macros bpf/exec_verdict.h needs, from this kernel's BTF; the setattr hook
+    (``setattr_func``, whose parameter count changed across kernels) is counted in BTF."""
     out = exec_sensor_offsets(btf)
     out.pop("EG_OFF_BPRM_FILENAME", None)  # the path comes from bpf_d_path instead
     out["EG_OFF_FILE_PATH"] = btf.require("file", "f_path", 16).offset
     out["EG_OFF_FILE_MODE"] = btf.require("file", "f_mode", 4).offset
+    out["EG_OFF_FILE_FLAGS"] = btf.require("file", "f_flags", 4).offset
     out["EG_OFF_PATH_DENTRY"] = btf.require("path", "dentry", 8).offset
     out["EG_OFF_DENTRY_INODE"] = btf.require("dentry", "d_inode", 8).offset
-    nargs = func_params(blob, "bpf_lsm_inode_setattr")
+    nargs = func_params(blob, setattr_func)
     if nargs is None or nargs not in (2, 3):
-        raise LayoutError(f"{btf.source}: bpf_lsm_inode_setattr has {nargs} parameters, "
-                          "expected 2 (before 6.8) or 3")
+        raise LayoutError(f"{btf.source}: {setattr_func} has {nargs} parameters, "
+                          "expected 2 (dentry, attr) or 3 (idmap first)")
     out["EG_SETATTR_ARGS"] = nargs
     return out
 
 
+def lsm_offsets(btf: Btf, blob: bytes) -> Dict[str, int]:
+    """The ``EG_*`` macros bpf/exec_lsm.c needs (its setattr hook gained an idmap in 6.8)."""
+    return verdict_offsets(btf, blob, "bpf_lsm_inode_setattr")
+
+
+OffsetsFn = Callable[[Btf, bytes], Dict[str, int]]
+
+
 def build_cflags(config: SensorConfig, btf_path: str = VMLINUX_BTF,
-                 offsets: Optional[Dict[str, int]] = None) -> List[str]:
+                 offsets: Optional[Dict[str, int]] = None, backend: str = BACKEND,
+                 offsets_fn: OffsetsFn = lsm_offsets) -> List[str]:
     """Include dir, knobs (validated by SensorConfig) and this kernel's offsets."""
     if offsets is None:
         try:
             with open(btf_path, "rb") as f:
                 blob = f.read()
-            offsets = lsm_offsets(Btf(blob, btf_path), blob)
+            offsets = offsets_fn(Btf(blob, btf_path), blob)
         except OSError as exc:
-            raise SensorUnavailable(BACKEND, f"{btf_path}: cannot read kernel BTF: "
-                                    f"{exc.strerror}", "BPF LSM needs CONFIG_DEBUG_INFO_BTF=y"
+            raise SensorUnavailable(backend, f"{btf_path}: cannot read kernel BTF: "
+                                    f"{exc.strerror}", f"{backend} needs CONFIG_DEBUG_INFO_BTF=y"
                                     ) from exc
         except LayoutError as exc:
-            raise SensorUnavailable(BACKEND, f"cannot read struct offsets: {exc}") from exc
+            raise SensorUnavailable(backend, f"cannot read struct offsets: {exc}") from exc
     flags = [f"-I{BPF_DIR}", *config.cflags()]
     return flags + [f"-D{k}={int(v)}" for k, v in sorted(offsets.items())]
 
 
+SHARED = "exec_verdict.h"
+SHARED_INCLUDE = f'#include "{SHARED}"'
+
+
+def program_text(source: str) -> str:
+    """``bpf/<source>`` with bpf/exec_verdict.h pasted in place of its ``#include``.
+
+    BCC rewrites map calls (``verdicts.lookup(&key)`` -> ``bpf_map_lookup_elem(fd, ...)``)
+    in the main file only; in an included header they stay calls through a function pointer,
+    which the kernel refuses ("unknown opcode 8d", an indirect call). So the shared code
+    reaches BCC as part of the main text, and stays one file in the tree."""
+    with open(os.path.join(BPF_DIR, source), encoding="utf-8") as f:
+        text = f.read()
+    with open(os.path.join(BPF_DIR, SHARED), encoding="utf-8") as f:
+        shared = f.read()
+    lines = text.split("\n")
+    at = [i for i, line in enumerate(lines) if line.strip() == SHARED_INCLUDE]
+    if len(at) != 1:
+        raise SensorUnavailable(BACKEND, f"{source}: expected one {SHARED_INCLUDE} line, "
+                                f"found {len(at)}")
+    lines[at[0]] = f"/* ---- {SHARED}, pasted by agent/sensors/bpf_lsm.py ---- */\n{shared}"
+    return "\n".join(lines)
+
+
 def print_bpf(config: SensorConfig = DEFAULT_CONFIG) -> str:
     """The program text and cflags BCC would compile (for ``execguard doctor --print-bpf``)."""
-    with open(f"{BPF_DIR}/{SOURCE}", encoding="utf-8") as f:
-        return f"// cflags: {' '.join(build_cflags(config))}\n{f.read()}"
+    return f"// cflags: {' '.join(build_cflags(config))}\n{program_text(SOURCE)}"
 
 
 class BpfLsmSensor:
     """Loaded and attached on construction (mode: allow everything); ``close()`` detaches,
-    and the kernel then denies nothing (fail-open, decision 6)."""
+    and the kernel then denies nothing (fail-open, decision 6).
+
+    Subclasses change the program (``source``), its name (``backend``), the offsets it needs
+    and how its verdict hook attaches (``_attach``); maps, records and modes are shared."""
 
     backend = BACKEND
+    source = SOURCE
+    offsets_fn: OffsetsFn = staticmethod(lsm_offsets)  # type: ignore[assignment]
+    refused_hint = ("this kernel does not let BPF LSM programs load (lockdown policy or a "
+                    "hardened kernel); run execguard doctor")
 
     def __init__(self, config: SensorConfig = DEFAULT_CONFIG,
                  offsets: Optional[Dict[str, int]] = None) -> None:
-        self.cflags = build_cflags(config, offsets=offsets)
+        self.cflags = build_cflags(config, offsets=offsets, backend=self.backend,
+                                   offsets_fn=type(self).offsets_fn)
         self._records: List[LsmRecord] = []
         self._scope_devs: Set[int] = set()
         self._mode = (False, False)
-        self._decoder = RecordDecoder(_realtime_offset(), backend=BACKEND)
+        self._decoder = RecordDecoder(_realtime_offset(), backend=self.backend)
         try:
             import bcc
         except ImportError as exc:
-            raise SensorUnavailable(BACKEND, f"import bcc failed: {exc}",
+            raise SensorUnavailable(self.backend, f"import bcc failed: {exc}",
                                     "install python3-bpfcc (scripts/setup.sh)") from exc
         self.warnings = _header_warnings()
         log: List[str] = []
         try:
             with _captured_stderr() as log:
-                self._bpf: Any = bcc.BPF(src_file=f"{BPF_DIR}/{SOURCE}", cflags=self.cflags)
+                self._bpf: Any = bcc.BPF(text=program_text(self.source), cflags=self.cflags)
+                self._attach(bcc)
         except Exception as exc:  # BCC raises bare Exception for compile, load and attach
+            self.close()
             cause, hint = _explain(exc, log)
             if os.geteuid() == 0 and ("privileges" in cause or "not permitted" in cause):
-                cause = (f"the kernel refused the LSM program although we run as root "
-                         f"({cause[:200]})")
-                hint = ("this kernel does not let BPF LSM programs load (lockdown policy or "
-                        "a hardened kernel); run execguard doctor")
-            raise SensorUnavailable(BACKEND, cause, hint) from exc
+                cause = (f"the kernel refused the {self.backend} program although we run as "
+                         f"root ({cause[:200]})")
+                hint = self.refused_hint
+            raise SensorUnavailable(self.backend, cause, hint) from exc
         try:
             self._bpf[b"events"].open_ring_buffer(self._on_ring)
             self._verdicts = self._bpf[b"verdicts"]
@@ -181,13 +224,20 @@ class BpfLsmSensor:
             self.set_mode(enforce=False, deny_unknown=False)
         except Exception as exc:
             self.close()
-            raise SensorUnavailable(BACKEND, f"ring buffer or maps: {exc}") from exc
+            raise SensorUnavailable(self.backend, f"ring buffer or maps: {exc}") from exc
+
+    def _attach(self, bcc: Any) -> None:
+        """Attach what BCC's constructor does not: LSM_PROBE programs attach themselves."""
 
     def close(self) -> None:
         bpf = getattr(self, "_bpf", None)
         if bpf is not None:
             self._bpf = None
+            self._detach()
             bpf.cleanup()
+
+    def _detach(self) -> None:
+        """Undo ``_attach`` (before BCC's cleanup closes the programs)."""
 
     def __enter__(self) -> BpfLsmSensor:
         return self
@@ -209,7 +259,7 @@ class BpfLsmSensor:
         """Wait up to ``timeout_ms`` for a wake-up, then drain every record (cache hits are
         submitted without a wake-up, so call this at least every ~100 ms)."""
         if self._bpf is None:
-            raise SensorUnavailable(BACKEND, "sensor is closed")
+            raise SensorUnavailable(self.backend, "sensor is closed")
         self._decoder.realtime_offset_ns = _realtime_offset()
         self._bpf.ring_buffer_poll(int(timeout_ms))
         self._bpf.ring_buffer_consume()
@@ -219,13 +269,13 @@ class BpfLsmSensor:
     @contextlib.contextmanager
     def _map_op(self, operation: str) -> Iterator[None]:
         if self._bpf is None:
-            raise SensorMapError(BACKEND, operation, "sensor is closed")
+            raise SensorMapError(self.backend, operation, "sensor is closed")
         try:
             yield
         except KeyError:
             raise
         except Exception as exc:  # BCC: E2BIG when full, EBADF when closed
-            raise SensorMapError(BACKEND, operation, str(exc)) from exc
+            raise SensorMapError(self.backend, operation, str(exc)) from exc
 
     def _key(self, identity: FileIdentity) -> Any:
         return self._verdicts.Key(ino=identity.ino, dev=st_dev_to_kernel_dev(identity.dev))
@@ -251,6 +301,17 @@ class BpfLsmSensor:
     def forget(self, identity: FileIdentity) -> None:
         with self._map_op("forget"), contextlib.suppress(KeyError):
             del self._verdicts[self._key(identity)]
+
+    def clear_verdicts(self) -> int:
+        """Drop every verdict (a policy reload: none decided under the old policy stands).
+        Returns how many were dropped; an exec racing this sees its file as unknown."""
+        dropped = 0
+        with self._map_op("clear_verdicts"):
+            for key in list(self._verdicts.keys()):
+                with contextlib.suppress(KeyError):
+                    del self._verdicts[key]
+                    dropped += 1
+        return dropped
 
     def add_scope_dev(self, st_dev: int) -> None:
         """Enforce on every file of this filesystem (``stat().st_dev``); add only devices

@@ -19,13 +19,14 @@ EG_MSG_EXEC = 1
 COMM_LEN = 16
 
 # struct eg_exec_event up to (not including) comm; path follows comm, NUL-terminated.
+# uid and gid are the exec'ing task's real ids (bpf_get_current_uid_gid), not euid/egid.
 EXEC_HEAD = struct.Struct("<BBBBi6I4Q")
 EXEC_MIN_LEN = EXEC_HEAD.size + COMM_LEN
 # Offsets of struct eg_exec_event as this module reads them (checked against BCC's layout).
 EXEC_FIELDS = {
     "op": 0, "state": 1, "action": 2, "flags": 3, "kill_err": 4, "pid": 8, "ppid": 12,
-    "uid": 16, "auid": 20, "dev": 24, "ino": 32, "ctime_ns": 40, "size": 48, "boot_ns": 56,
-    "comm": 64, "path": 80,
+    "uid": 16, "auid": 20, "dev": 24, "gid": 28, "ino": 32, "ctime_ns": 40, "size": 48,
+    "boot_ns": 56, "comm": 64, "path": 80,
 }  # fmt: skip
 
 F_IN_SCOPE, F_DENIED, F_READ_ERR = 0x01, 0x02, 0x04
@@ -130,7 +131,7 @@ class RecordDecoder:
         return rec
 
     def _exec(self, data: bytes) -> ExecRecord:
-        (_op, state, action, flags, kill_err, pid, ppid, uid, auid, kdev, _pad,
+        (_op, state, action, flags, kill_err, pid, ppid, uid, auid, kdev, gid,
          ino, ctime_ns, size, boot_ns) = EXEC_HEAD.unpack_from(data, 0)  # fmt: skip
         comm = _cstr(data[EXEC_HEAD.size : EXEC_MIN_LEN])
         path = _cstr(data[EXEC_MIN_LEN:])
@@ -145,6 +146,7 @@ class RecordDecoder:
             identity=ident,
             timestamp_ns=boot_ns + self.realtime_offset_ns,
             backend=self.backend,
+            gid=gid,
         )
         return ExecRecord(
             event=event,

@@ -48,7 +48,12 @@ AUDIT_ONLY = "audit-only"
 # Preference order (decision 5) and the probes each backend needs, all of which must be ok.
 BACKENDS: Tuple[Tuple[str, Tuple[str, ...], str], ...] = (
     ("bpf-lsm", ("btf", "lsm", "bpf-lsm"), "LSM hook on bprm_check_security denies with EPERM"),
-    ("fmod-ret", ("btf", "fmod-ret"), "fmod_ret on security_bprm_check denies with EPERM"),
+    (
+        "fmod-ret",
+        ("btf", "fmod-ret"),
+        "fmod_ret on security_bprm_check denies with EPERM (a tracing program: needs no bpf "
+        "in lsm=)",
+    ),
     ("fanotify-exec", ("fanotify-exec",), "FAN_OPEN_EXEC_PERM answers each exec synchronously"),
     (
         "fanotify-open",
@@ -365,13 +370,14 @@ def probe_audit_binding() -> ProbeResult:
 # ---------------------------------------------------------------- all of them
 
 
-def run_probes(compile: bool = True) -> Dict[str, ProbeResult]:
-    """Every probe, in display order; a fresh dict each call over the memoized results."""
-    return dict(_run_all(compile))
+def run_probes(compile: bool = True, timeout: float | None = None) -> Dict[str, ProbeResult]:
+    """Every probe, in display order; a fresh dict each call over the memoized results.
+    ``timeout``: seconds for the BCC probe child (None: $EXECGUARD_PROBE_TIMEOUT or 30)."""
+    return dict(_run_all(compile, timeout))
 
 
 @functools.cache
-def _run_all(compile: bool) -> Dict[str, ProbeResult]:
+def _run_all(compile: bool, timeout: float | None) -> Dict[str, ProbeResult]:
     """Run every probe once. BCC work runs in a child process while the cheap probes run here."""
     from agent.sensors import bcc_probe  # lazy: bcc_probe imports ProbeResult from here
 
@@ -381,7 +387,8 @@ def _run_all(compile: bool) -> Dict[str, ProbeResult]:
         out[r.name] = r
     tracefs = probe_tracefs()  # before the child: tracepoint attach reads ids from tracefs
     out[tracefs.name] = tracefs
-    child = bcc_probe.start(compile=compile, load=is_root())
+    child = bcc_probe.start(compile=compile, load=is_root(),
+                            timeout=bcc_probe.resolve_timeout(timeout))
     try:
         host = [probe_fanotify_exec(), probe_fanotify_open(), probe_auditd(), probe_audit_binding()]
         try:

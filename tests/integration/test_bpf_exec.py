@@ -70,6 +70,22 @@ def test_identity_on_root_filesystem_and_dev_encoding(sensor: BpfExecSensor) -> 
     assert (rec.event.identity.ctime_ns, rec.event.identity.size) == (st.st_ctime_ns, st.st_size)
 
 
+def test_gid_is_the_real_gid_not_the_egid(sensor: BpfExecSensor) -> None:
+    """A setgid file run with real gid 4321: after the exec the egid is the file's group
+    (5555), and the event carries the real gid (bpf_get_current_uid_gid's high half)."""
+    with private_tmpfs() as mnt:
+        exe = os.path.join(mnt, "sgid")
+        copy_exe(ECHO, exe)
+        os.chown(exe, 0, 5555)
+        os.chmod(exe, 0o2755)
+        drain(sensor)
+        proc = subprocess.run(["setpriv", "--regid=4321", "--clear-groups", exe, "hi"],
+                              capture_output=True, timeout=10, check=True)
+        rec = wait_record(sensor, path=exe)
+    assert proc.stdout == b"hi\n"
+    assert rec.event.gid == 4321 and rec.event.uid == os.getuid()
+
+
 def test_auid_is_the_login_uid_and_unset_without_audit_offsets(sensor: BpfExecSensor) -> None:
     """A child sets its loginuid (root may, once); the exec after it carries that auid."""
     offsets = exec_sensor_offsets(Btf.load())

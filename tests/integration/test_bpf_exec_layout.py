@@ -48,7 +48,7 @@ def test_decoder_reads_a_record_packed_by_ctypes(layout: bcc.BPF) -> None:
     leaf = layout[b"exec_event"].Leaf
     ev = leaf(
         op=decode.EG_MSG_EXEC, state=2, action=1, flags=decode.F_IN_SCOPE | decode.F_DENIED,
-        kill_err=0, pid=41, ppid=40, uid=1000, auid=1001, dev=(8 << 20) | 3, ino=777,
+        kill_err=0, pid=41, ppid=40, uid=1000, auid=1001, dev=(8 << 20) | 3, gid=1002, ino=777,
         ctime_ns=1_700_000_000_123_456_789, size=4096, boot_ns=5,
     )  # fmt: skip
     ev.comm = b"prog"
@@ -56,6 +56,7 @@ def test_decoder_reads_a_record_packed_by_ctypes(layout: bcc.BPF) -> None:
     rec = decode.RecordDecoder(realtime_offset_ns=100).decode(bytes(ev))
     assert rec is not None
     assert (rec.event.pid, rec.event.ppid, rec.event.uid, rec.event.auid) == (41, 40, 1000, 1001)
+    assert rec.event.gid == 1002
     assert rec.event.identity.dev == (8 << 8) | 3  # st_dev of 8:3
     assert (rec.event.identity.ino, rec.event.identity.size) == (777, 4096)
     assert rec.event.identity.ctime_ns == 1_700_000_000_123_456_789

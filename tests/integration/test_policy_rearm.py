@@ -11,6 +11,7 @@ tmpfs mounts the test owns, with deadlines; everything stops in ``finally``.
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,37 @@ def test_kill_reload_drops_kernel_verdicts_and_follows_the_mode(
             assert status["sensor"]["verdicts_dropped"] >= 1, status["sensor"]
             ran = exec_file(signed)
             assert ran.returncode == -9 and ran.stdout == "", ran
+
+
+def test_kill_with_a_caller_rule_judges_every_exec_in_user_space(
+        tmp_path: Path, material: Material) -> None:
+    """A rule on the caller's uid: the kernel map must not hold per-file allows (root's
+    allow would let uid 65534 run the file unjudged). Every exec is decided by the agent,
+    and the one the rule denies is recorded as denied (and killed, if it still runs)."""
+    with scoped_tmpfs("32m") as scope:
+        signed = copy_signed(material.bins["app"], scope / "a", material.private["a"])
+        signed.parent.chmod(0o755)
+        policy = write_policy(tmp_path / "p.toml", mode="enforce", scopes=[scope],
+                              keys=[material.keys["a"]])
+        text = policy.read_text()
+        first = text.index("[[rules]]")
+        policy.write_text(text[:first] + '[[rules]]\nid = "not-nobody"\naction = "deny"\n'
+                          'match = { uids = [65534] }\n\n' + text[first:])
+        with running_agent(tmp_path, "--policy", str(policy), "--backend", "kill",
+                           "--audit", "off") as agent:
+            for _ in range(3):
+                ran = exec_file(signed)
+                assert ran.returncode == 0 and ran.stdout == "app\n", ran
+            subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                            str(signed)], capture_output=True, timeout=20, check=False)
+
+            def nobody_denied() -> bool:
+                return any(d["event"]["uid"] == 65534 and d["decision"] == "deny"
+                           and d["rule_id"] == "not-nobody"
+                           for d in agent.decisions() if d["event"]["path"] == str(signed))
+
+            wait_for(nobody_denied, 30)
+            status = agent.status()
+            assert status["sensor"]["kernel_hits"] == 0, status["sensor"]  # no per-file allow
+            assert len([d for d in agent.decisions() if d["event"]["path"] == str(signed)
+                        and d["event"]["uid"] == 0 and d["decision"] == "allow"]) == 3

@@ -12,15 +12,19 @@ from typing import List, Tuple
 
 import pytest
 
-from agent.sensors.bpf_exec import SensorConfig
+from agent.sensors.bpf_exec import BPF_DIR, SensorConfig
+from agent.sensors.bpf_exec import build_cflags as exec_build_cflags
+from agent.sensors.bpf_fmod_ret import fmod_ret_offsets
 from agent.sensors.bpf_lsm import (
-    BPF_DIR,
     DEFAULT_CONFIG,
     SOURCE,
     BpfLsmSensor,
+    OffsetsFn,
     build_cflags,
     func_params,
     lsm_offsets,
+    program_text,
+    verdict_offsets,
 )
 from agent.sensors.errors import SensorUnavailable
 from agent.sensors.kernel_layout import VMLINUX_BTF, Btf, LayoutError
@@ -84,36 +88,68 @@ def test_bad_btf_and_bad_knobs_are_refused(tmp_path: Path) -> None:
         build_cflags(SensorConfig(ringbuf_pages=3))
 
 
-def test_bcc_leaves_no_probe_read_in_the_program() -> None:
-    """What BCC hands to LLVM (its rewritten C) holds no bpf_probe_read*: every kernel read
-    is a BTF direct load, so the program loads under lockdown=confidentiality. On this host
-    the kernel then refuses BPF LSM programs (EPERM), which must be the only failure."""
+PROBE_READ_HELPERS = {4, 45, 112, 113, 114, 115}  # probe_read{,_str,_user,_kernel,...}
+D_PATH = 147  # enum bpf_func_id: BPF_FUNC_d_path
+
+
+def compiled_ir(source: str, cflags: List[str]) -> Tuple[str, str]:
+    """The LLVM IR BCC compiles ``source`` to (its stdout and stderr), and why the load
+    failed, if it did. On this host the kernel refuses LSM and tracing programs (EPERM)."""
     import bcc
 
     with tempfile.TemporaryFile() as log:
-        saved = os.dup(2)
+        saved = os.dup(1), os.dup(2)
+        os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
         loaded = None
         try:
-            loaded = bcc.BPF(src_file=os.path.join(BPF_DIR, SOURCE),
-                             cflags=build_cflags(DEFAULT_CONFIG), debug=bcc.DEBUG_PREPROCESSOR)
+            text = program_text(source) if source != "exec_sensor.c" else \
+                Path(BPF_DIR, source).read_text()
+            loaded = bcc.BPF(text=text, cflags=cflags, debug=bcc.DEBUG_LLVM_IR)
         except Exception as exc:  # BCC raises bare Exception
             failure = str(exc)
         else:
             failure = ""
         finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
             if loaded is not None:
-                loaded.cleanup()  # a kernel that allows BPF LSM: loaded in allow-all, gone now
+                loaded.cleanup()  # a kernel that allows them: loaded in allow-all, gone now
         log.seek(0)
-        text = log.read().decode("utf-8", "replace")
-    code = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
-    assert "lsm__bprm_check_security" in code and "bpf_d_path" in code
-    assert not [ln for ln in code.splitlines() if "probe_read" in ln]
+        return log.read().decode("utf-8", "replace"), failure
+
+
+def helper_calls(ir: str) -> set:  # type: ignore[type-arg]
+    return {int(n) for n in re.findall(r"inttoptr \(i64 (\d+) to", ir)}
+
+
+def indirect_calls(ir: str) -> list:  # type: ignore[type-arg]
+    """Calls through a pointer (BPF "callx", opcode 0x8d), which the kernel refuses: what a
+    BCC map call becomes when BCC did not rewrite it (code in an #included header)."""
+    return re.findall(r"\bcall\b[^\n(]*%[\w.]+\(", ir)
+
+
+@pytest.mark.parametrize(("source", "hook", "offsets_fn"), [
+    (SOURCE, "lsm__bprm_check_security", lsm_offsets),
+    ("exec_fmod_ret.c", "kmod_ret__security_bprm_check", fmod_ret_offsets),
+])
+def test_bcc_leaves_no_probe_read_in_the_program(source: str, hook: str,
+                                                 offsets_fn: OffsetsFn) -> None:
+    """What LLVM gets from BCC calls no bpf_probe_read* helper (decision 2): every kernel
+    read is a BTF direct load, so the program loads under lockdown=confidentiality. Checked
+    on the IR, where code from bpf/exec_verdict.h is inlined (BCC's preprocessor dump shows
+    the main file only). The exec sensor, which does use probe reads, is the control."""
+    ir, failure = compiled_ir(source, build_cflags(DEFAULT_CONFIG, offsets_fn=offsets_fn))
+    assert f"@{hook}(" in ir and "error:" not in ir, ir[-2000:]
+    calls = helper_calls(ir)
+    assert D_PATH in calls and not calls & PROBE_READ_HELPERS, calls
+    assert not indirect_calls(ir), indirect_calls(ir)[:3]
     if failure:
-        assert "Failed to load program" in text or "privileges" in failure, failure
-        assert "error:" not in text  # not a compile error
+        assert "Failed to load program" in ir or "privileges" in failure, failure
+    control, _ = compiled_ir("exec_sensor.c", exec_build_cflags(SensorConfig()))
+    assert 113 in helper_calls(control)  # bpf_probe_read_kernel: the check can see one
 
 
 def test_sensor_failure_is_sensor_unavailable_with_a_cause() -> None:
@@ -123,3 +159,26 @@ def test_sensor_failure_is_sensor_unavailable_with_a_cause() -> None:
         assert exc.backend == "bpf-lsm" and exc.cause
         return
     sensor.close()  # a kernel that runs BPF LSM programs: it loaded, which is fine too
+
+
+def test_fmod_ret_offsets_count_security_inode_setattr() -> None:
+    """fmod_ret hooks the kernel's own security_inode_setattr (not bpf_lsm_*, which exists
+    only with CONFIG_BPF_LSM); 6.18 passes an idmap first, 6.1 does not."""
+    blob = Path(VMLINUX_BTF).read_bytes()
+    off = fmod_ret_offsets(Btf(blob), blob)
+    assert off["EG_SETATTR_ARGS"] == func_params(blob, "security_inode_setattr") == 3
+    assert off["EG_OFF_FILE_PATH"] == lsm_offsets(Btf(blob), blob)["EG_OFF_FILE_PATH"]
+    with pytest.raises(LayoutError, match="security_no_such_hook has None parameters"):
+        verdict_offsets(Btf(blob), blob, "security_no_such_hook")
+
+
+def test_fmod_ret_sensor_failure_names_its_backend() -> None:
+    from agent.sensors.bpf_fmod_ret import BpfFmodRetSensor
+
+    try:
+        sensor = BpfFmodRetSensor()
+    except SensorUnavailable as exc:  # this host: the kernel refuses tracing programs
+        assert exc.backend == "fmod-ret" and exc.cause
+        assert "fmod-ret" in exc.diagnostics()
+        return
+    sensor.close()

@@ -25,7 +25,7 @@ def record(
     path_len: int = 256,
 ) -> bytes:
     head = decode.EXEC_HEAD.pack(
-        op, state, action, flags, kill_err, 10, 9, 1000, 0xFFFFFFFF, kdev, 0, 42, 7, 99, 1000
+        op, state, action, flags, kill_err, 10, 9, 1000, 0xFFFFFFFF, kdev, 1001, 42, 7, 99, 1000
     )
     return head + comm.ljust(16, b"\0") + path.ljust(path_len, b"\0")
 
@@ -38,6 +38,7 @@ def test_exec_record_decodes_every_field() -> None:
     assert (ev.pid, ev.ppid, ev.uid, ev.auid, ev.comm, ev.path) == (
         10, 9, 1000, 0xFFFFFFFF, "sh", "/usr/bin/sh",
     )  # fmt: skip
+    assert ev.gid == 1001  # the real gid, from the former padding word
     assert ev.identity.dev == os.makedev(259, 1)
     assert (ev.identity.ino, ev.identity.ctime_ns, ev.identity.size) == (42, 7, 99)
     assert ev.timestamp_ns == 6_000 and ev.backend == "kill"

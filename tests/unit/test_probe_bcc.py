@@ -157,6 +157,16 @@ def _fake_child(script: str) -> bcc_probe.Child:
     return bcc_probe.Child(proc, compile=True, load=True)
 
 
+def test_the_budget_given_to_the_child_wins_over_the_default() -> None:
+    script = "import time\ntime.sleep(60)\n"
+    child = _fake_child(script)
+    child.timeout = 0.5
+    t0 = time.monotonic()
+    _, _, why = bcc_probe._collect(child)
+    assert time.monotonic() - t0 < 10
+    assert why.startswith("timed out after 0.5 s") and "EXECGUARD_PROBE_TIMEOUT" in why
+
+
 def test_a_hung_child_is_killed_at_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bcc_probe, "CHILD_TIMEOUT", 1.0)
     tag = bcc_probe.TAG
@@ -172,7 +182,7 @@ def test_a_hung_child_is_killed_at_the_deadline(monkeypatch: pytest.MonkeyPatch)
     assert time.monotonic() - t0 < 10
     assert records["bcc"]["ok"] is True
     assert died_in == "bcc-compile"
-    assert why == "timed out after 1 s"
+    assert why.startswith("timed out after 1 s (raise it with --probe-timeout")
     assert child.proc is not None and child.proc.poll() is not None
     with pytest.raises(ProcessLookupError):
         os.killpg(child.proc.pid, 0)

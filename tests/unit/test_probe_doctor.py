@@ -33,7 +33,8 @@ def no_host(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_enforcing_backend_exits_0(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(probe, "run_probes", lambda compile: fake_probes("fanotify-exec"))
+    monkeypatch.setattr(probe, "run_probes",
+                        lambda compile, timeout=None: fake_probes("fanotify-exec"))
     assert doctor_cmd.run(args()) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["backend"]["chosen"] == "fanotify-exec"
@@ -44,7 +45,7 @@ def test_enforcing_backend_exits_0(
 def test_audit_only_exits_1_and_says_so(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(probe, "run_probes", lambda compile: fake_probes())
+    monkeypatch.setattr(probe, "run_probes", lambda compile, timeout=None: fake_probes())
     assert doctor_cmd.run(args(json=False)) == 1
     out = capsys.readouterr().out
     assert "backend: audit-only" in out
@@ -54,7 +55,7 @@ def test_audit_only_exits_1_and_says_so(
 def test_internal_error_exits_2(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    def boom(compile: bool) -> Dict[str, ProbeResult]:
+    def boom(compile: bool, timeout: object = None) -> Dict[str, ProbeResult]:
         raise RuntimeError("broken")
 
     monkeypatch.setattr(probe, "run_probes", boom)
@@ -68,7 +69,7 @@ def test_hints_show_only_for_failures(
     probes = fake_probes("bpf-lsm", "btf", "lsm")
     probes["fmod-ret"] = ProbeResult("fmod-ret", False, "load failed: EPERM", "try fanotify")
     probes["kernel"] = ProbeResult("kernel", True, "6.18", "never shown")
-    monkeypatch.setattr(probe, "run_probes", lambda compile: probes)
+    monkeypatch.setattr(probe, "run_probes", lambda compile, timeout=None: probes)
     assert doctor_cmd.run(args(json=False)) == 0
     out = capsys.readouterr().out
     assert "hint: try fanotify" in out and "never shown" not in out
@@ -82,3 +83,36 @@ def test_the_parser_registers_doctor() -> None:
     assert ns.run is doctor_cmd.run and ns.json and ns.no_compile and ns.backend == "kill"
     with pytest.raises(SystemExit):
         parser.parse_args(["doctor", "--backend", "selinux"])
+
+
+def test_probe_timeout_flag_and_environment_reach_the_probes(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seen = []
+
+    def record(compile: bool, timeout: object = None) -> Dict[str, ProbeResult]:
+        seen.append(timeout)
+        return fake_probes("fanotify-exec")
+
+    monkeypatch.setattr(probe, "run_probes", record)
+    monkeypatch.delenv("EXECGUARD_PROBE_TIMEOUT", raising=False)
+    assert doctor_cmd.run(args()) == 0
+    monkeypatch.setenv("EXECGUARD_PROBE_TIMEOUT", "240")
+    assert doctor_cmd.run(args()) == 0
+    capsys.readouterr()
+    assert doctor_cmd.run(args(probe_timeout=90.0)) == 0  # the flag wins over the variable
+    assert seen == [30.0, 240.0, 90.0]
+    assert json.loads(capsys.readouterr().out)["probe_timeout_s"] == 90.0
+
+
+@pytest.mark.parametrize("bad", ["soon", "0", "-5", "nan", "inf", "99999"])
+def test_bad_probe_timeout_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], bad: str
+) -> None:
+    monkeypatch.setattr(probe, "run_probes", lambda compile, timeout=None: fake_probes())
+    monkeypatch.setenv("EXECGUARD_PROBE_TIMEOUT", bad)
+    assert doctor_cmd.run(args()) == 2
+    err = capsys.readouterr().err
+    assert "EXECGUARD_PROBE_TIMEOUT" in err and repr(bad) in err
+    with pytest.raises(argparse.ArgumentTypeError, match="--probe-timeout"):
+        doctor_cmd.probe_seconds(bad)

@@ -98,7 +98,7 @@ def test_a_probe_that_raises_reports_instead(monkeypatch: pytest.MonkeyPatch) ->
     def boom() -> int:
         raise RuntimeError("kaboom")
 
-    monkeypatch.setattr(probe.os, "geteuid", boom)
+    monkeypatch.setattr(os, "geteuid", boom)  # the module probe uses
     res = probe.probe_root()
     assert res == ProbeResult("root", False, "probe error: RuntimeError('kaboom')", res.hint)
 
@@ -110,7 +110,7 @@ def test_probes_are_memoized(monkeypatch: pytest.MonkeyPatch) -> None:
         calls.append(1)
         return os.uname_result(("Linux", "h", "9.9.9", "#1", "x86_64"))
 
-    monkeypatch.setattr(probe.os, "uname", fake_uname)
+    monkeypatch.setattr(os, "uname", fake_uname)
     first = probe.probe_kernel()
     assert probe.probe_kernel() is first
     assert len(calls) == 1
@@ -129,6 +129,6 @@ def test_auditd_status_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
         return subprocess.CompletedProcess(["auditctl"], 0, "enabled 1\nfailure 1\npid 4242\n", "")
 
     monkeypatch.setattr(probe, "is_root", lambda: True)
-    monkeypatch.setattr(probe.subprocess, "run", fake_run)
+    monkeypatch.setattr(subprocess, "run", fake_run)
     res = probe.probe_auditd()
     assert res.ok and res.detail == "running (pid 4242, enabled 1)"

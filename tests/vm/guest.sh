@@ -14,7 +14,9 @@ MARKER=execguard.vmtest=1
 LOCKDOWN=/sys/kernel/security/lockdown
 export PATH="$REPO/.venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 export PYTHONUNBUFFERED=1 HOME=/root LC_ALL=C.UTF-8
-PYTEST_DEADLINE=${EG_VM_PYTEST_DEADLINE:-480}  # seconds per mode; a hung run fails, never hangs
+PYTEST_DEADLINE=${EG_VM_PYTEST_DEADLINE:-900}  # seconds per mode; a hung run fails, never hangs
+# doctor's BCC probes (one child, several compiles of 6-30 s each under TCG on a shared CPU)
+export EXECGUARD_PROBE_TIMEOUT=${EG_VM_PROBE_TIMEOUT:-200}
 
 say() { printf 'vm-guest: %s\n' "$*"; }
 

@@ -1,0 +1,59 @@
+"""The fmod_ret backend (bpf/exec_fmod_ret.c): EPERM from ``security_bprm_check`` where BPF
+LSM is not active.
+
+A ``BPF_MODIFY_RETURN`` program is a tracing program: it needs BTF and BPF trampolines, but
+no ``bpf`` in ``lsm=``. It shares the verdict map, the decision and the ring records of the
+BPF LSM backend (bpf/exec_verdict.h), so ``BpfFmodRetSensor`` is ``BpfLsmSensor`` with
+another program: fentry invalidation hooks on the ``security_*`` functions, and the exec's
+path taken at its FMODE_EXEC open (``bpf_d_path`` is not allowed in security_bprm_check).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Dict, Optional
+
+from agent.sensors.bpf_lsm import BpfLsmSensor, verdict_offsets
+from agent.sensors.kernel_layout import Btf
+
+BACKEND = "fmod-ret"
+SOURCE = "exec_fmod_ret.c"
+HOOK = b"kmod_ret__security_bprm_check"
+
+
+def fmod_ret_offsets(btf: Btf, blob: bytes) -> Dict[str, int]:
+    """The ``EG_*`` macros bpf/exec_fmod_ret.c needs: its setattr hook is the kernel's own
+    ``security_inode_setattr`` (2 parameters on 6.1, 3 once an idmap came first)."""
+    return verdict_offsets(btf, blob, "security_inode_setattr")
+
+
+class BpfFmodRetSensor(BpfLsmSensor):
+    """Loaded and attached on construction (allow everything until ``set_mode``); ``close()``
+    detaches the hook first, so the kernel then denies nothing."""
+
+    backend = BACKEND
+    source = SOURCE
+    offsets_fn = staticmethod(fmod_ret_offsets)  # type: ignore[assignment]
+    refused_hint = ("this kernel does not let fmod_ret programs load or attach (no BPF "
+                    "trampolines, or a hardened kernel); run execguard doctor")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._link: Optional[int] = None
+        super().__init__(*args, **kwargs)
+
+    def _attach(self, bcc: Any) -> None:
+        # BCC autoloads the fentry (kfunc__) hooks; its constructor leaves kmod_ret__ alone,
+        # and BCC < 0.35 has no attach_fmod_ret(): load it as tracing, attach by its fd.
+        fn = self._bpf.load_func(HOOK, bcc.BPF.TRACING)
+        link = int(bcc.lib.bpf_attach_kfunc(fn.fd))
+        if link < 0:
+            raise RuntimeError(f"Failed to attach fmod_ret program to security_bprm_check "
+                               f"({os.strerror(-link) if link < -1 else 'refused'})")
+        self._link = link
+
+    def _detach(self) -> None:
+        link, self._link = getattr(self, "_link", None), None
+        if link is not None:
+            with contextlib.suppress(OSError):
+                os.close(link)
