@@ -30,7 +30,7 @@ pytestmark = pytest.mark.timeout(300)
 
 EXPIRY_S = 12  # long enough for the monitor-mode execs below, short for the suite
 # fanotify: this host refuses to load BPF LSM programs (execguard doctor); the bpf-lsm
-# runner's re-arm on a mode switch is its own policy_changed (agent/backends.py)
+# runner's re-arm on a mode switch is its own policy_changed (agent/backends/)
 BACKEND, DENY = "fanotify-exec", "fanotify-deny"
 
 

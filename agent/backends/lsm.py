@@ -1,0 +1,329 @@
+"""bpf-lsm and fmod-ret: the kernel refuses the exec from its verdict map; fanotify
+fills the map for first-seen binaries while their exec waits at open."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import threading
+from typing import Any, Dict, Optional, Set, Tuple
+
+from agent.backends.base import (
+    KernelVerdicts,
+    Record,
+    SelftestResult,
+    canary_into,
+    drop_tmpfs,
+    identity_key,
+    identity_of,
+    map_allows,
+    open_exec_file,
+    private_tmpfs,
+    pump,
+    replace_decision,
+    rescope,
+    run_canary,
+    with_exe,
+)
+from agent.backends.fanotify import FanotifyRunner
+from agent.decide import Decider
+from agent.decision import Decision, Enforcement, ExecEvent, FileIdentity, Source
+from agent.errors import ExecguardError, Reason
+from agent.heartbeat import Heartbeat
+from agent.policy import Mode, PolicySnapshot
+
+
+class _FanotifyFeeder(FanotifyRunner):
+    """FAN_OPEN_EXEC_PERM as the synchronous slow path of the BPF LSM backend: an unknown
+    binary is verified while its exec waits at open, the verdict map is written, and only
+    then is the open answered, so bprm_check_security (which runs later) finds the verdict.
+    Files on devices outside the LSM scope are enforced by fanotify's own answer."""
+
+    def __init__(self, lsm: LsmRunner) -> None:
+        super().__init__("fanotify-exec", lsm.decider, lsm.record)
+        self.lsm = lsm
+
+    def _decide(self, event: ExecEvent, fd: int) -> bool:
+        if self.lsm.fill(with_exe(event), fd):
+            return True  # the map holds the verdict: the LSM hook enforces it
+        return super()._decide(event, fd)
+
+    def _observe(self, outcome: Any) -> None:
+        event = outcome.event
+        if event is None or not self.lsm.covers(event.identity):
+            super()._observe(outcome)  # the kernel's record reports execs the LSM covers
+
+
+class LsmRunner:
+    """BPF LSM: bprm_check_security returns EPERM for files on scoped devices whose verdict
+    is deny, or which are unknown in enforce mode. The verdict map is filled before execs
+    (pre-scan via ``remember``), synchronously by fanotify where it exists (enforce mode),
+    and after a denied first exec by the poll thread, so the next exec of a trusted file runs.
+    """
+
+    POLL_MS = 100
+    RING_PAGES = 256
+    HELD_MAX = 4096  # fanotify decisions waiting for the kernel's record of the same exec
+    RECORDED_MAX = 65536  # file versions whose allow hit is already in the decision log
+    ENFORCEMENT = Enforcement.LSM_DENY
+    # the canary ran although unknown: the program attached, yet never ran
+    NEVER_RAN = "the hook attached but never ran (is bpf in /sys/kernel/security/lsm?)"
+
+    def __init__(self, name: str, decider: Decider, record: Record,
+                 fanotify: bool = True) -> None:
+        self.name = name
+        self.enforcement = self.ENFORCEMENT
+        self.decider = decider
+        self.record = record
+        self.use_fanotify = fanotify
+        self._sensor: Any = None
+        self._feeder: Optional[_FanotifyFeeder] = None
+        self._held: Dict[Tuple[int, int, int, int], Decision] = {}
+        self._recorded: Set[FileIdentity] = set()
+        self._lock = threading.Lock()
+        self._kv = KernelVerdicts()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self.heartbeat = Heartbeat(f"{name} ring poll")
+        self._n: Dict[str, Any] = dict.fromkeys(
+            ("records", "kernel_hits", "kernel_denials", "decided", "filled_by_fanotify",
+             "vanished", "errors", "policy_swaps", "verdicts_dropped"), 0)
+        self._n["fanotify"] = "off"
+
+    def _open_sensor(self) -> Any:
+        if self._sensor is None:
+            from agent.sensors.bpf_exec import SensorConfig
+
+            self._sensor = self._new_sensor(SensorConfig(ringbuf_pages=self.RING_PAGES))
+        return self._sensor
+
+    def _new_sensor(self, config: Any) -> Any:
+        from agent.sensors.bpf_lsm import BpfLsmSensor
+
+        return BpfLsmSensor(config)
+
+    def selftest(self) -> SelftestResult:
+        """Canary on a private tmpfs: unknown -> EPERM, allowed -> runs; and the kernel's
+        identity of it must equal stat() (catches wrong struct offsets)."""
+        from agent.sensors.errors import SensorUnavailable
+
+        try:
+            sensor = self._open_sensor()
+        except SensorUnavailable as exc:
+            return SelftestResult(False, f"{self.name}: {exc.diagnostics()}")
+        mnt = private_tmpfs()
+        dev = None
+        try:
+            canary = canary_into(mnt)
+            ident = identity_of(os.stat(canary))
+            dev = ident.dev
+            sensor.add_scope_dev(dev)
+            sensor.set_mode(enforce=True, deny_unknown=True)
+            denied = run_canary(canary)
+            sensor.set_verdict(ident, True)
+            allowed = run_canary(canary)
+            seen = [r for r in sensor.poll(0) if r.record.event.path == canary]
+        except (OSError, subprocess.SubprocessError, ExecguardError) as exc:
+            return SelftestResult(False, f"{self.name} self-test failed: {exc}")
+        finally:
+            sensor.set_mode(enforce=False, deny_unknown=False)
+            if dev is not None:
+                sensor.remove_scope_dev(dev)
+            drop_tmpfs(mnt)
+        if denied == ("ran", 0):
+            return SelftestResult(False, f"{self.name} self-test: the canary ran although "
+                                  f"unknown: {self.NEVER_RAN}")
+        if denied[0] != "eperm" or allowed != ("ran", 0):
+            return SelftestResult(False, f"{self.name} self-test: canary unknown -> {denied}, "
+                                  f"allowed -> {allowed}")
+        wrong = [r.record.event.identity for r in seen if r.record.event.identity != ident]
+        if len(seen) != 2 or wrong or not seen[0].eperm or seen[1].eperm:
+            return SelftestResult(False, f"{self.name} self-test: kernel records {seen} do "
+                                  f"not match the canary {ident} (struct offsets?)")
+        return SelftestResult(True, f"{self.name}: canary denied with EPERM, then allowed; "
+                              "kernel identity matches stat()")
+
+    def enforcing(self) -> bool:
+        return self.decider.store.current.snapshot.mode is Mode.ENFORCE
+
+    def covers(self, identity: FileIdentity) -> bool:
+        """The LSM hook judges this file: its device is in the kernel scope."""
+        return self._sensor is not None and identity.dev in self._sensor.scope
+
+    def start(self) -> None:
+        sensor = self._open_sensor()
+        # whole devices only: a scope root that is a mount point (a tmpfs, a dedicated disk)
+        rescope(sensor, self.decider.store.current.snapshot)
+        enforce = self.enforcing()
+        if enforce:
+            self._start_feeder()
+        sensor.set_mode(enforce=enforce, deny_unknown=enforce)
+        self._thread = threading.Thread(target=self._loop, name=f"{self.name}-poll",
+                                        daemon=True)
+        self._thread.start()
+
+    def _start_feeder(self) -> None:
+        if not self.use_fanotify or self._feeder is not None:
+            return
+        feeder = _FanotifyFeeder(self)
+        try:
+            feeder.start()
+        except (OSError, ExecguardError) as exc:  # no FAN_OPEN_EXEC_PERM: async fill only
+            feeder.stop()
+            self._n["fanotify"] = f"unavailable: {exc}"
+            return
+        self._feeder, self._n["fanotify"] = feeder, "on"
+
+    def policy_changed(self, snapshot: PolicySnapshot) -> None:
+        """A policy hook: re-arm the kernel. Every verdict decided under the old policy is
+        dropped (the fanotify fill, or the poll thread, decides each file again at its next
+        exec), and the mode and the scoped devices follow the new policy. The fanotify
+        feeder's ignore marks go after the map is emptied, so a file whose exec raced the
+        swap is at worst denied once as unverified, never allowed on an old verdict."""
+        sensor = self._sensor
+        if sensor is None:
+            return
+        enforce = snapshot.mode is Mode.ENFORCE
+        if not enforce:
+            sensor.set_mode(enforce=False, deny_unknown=False)  # loosen before anything else
+        self._n["verdicts_dropped"] += self._kv.reset(sensor)
+        with self._lock:
+            self._held.clear()  # decisions held for records were made under the old policy
+        self._recorded.clear()
+        rescope(sensor, snapshot)
+        if self._feeder is not None:
+            self._feeder.policy_changed(snapshot)  # no ignore marks (new marks if scopes moved)
+        elif enforce:
+            self._start_feeder()  # monitor -> enforce: first-seen files are verified at open
+        sensor.set_mode(enforce=enforce, deny_unknown=enforce)
+        self._n["policy_swaps"] += 1
+
+    def fill(self, event: ExecEvent, fd: int) -> bool:
+        """Verify a file the LSM covers and write its verdict before fanotify answers.
+        False when the LSM does not cover it (fanotify then enforces itself)."""
+        if not self.covers(event.identity):
+            return False
+        for _attempt in range(3):  # a policy swap during the decision: decide again
+            generation = self._kv.generation
+            ident = identity_of(os.fstat(fd))  # the stamp of what is verified, taken before it
+            decision = self.decider.decide(event, fd, self.enforcement)
+            allow = map_allows(decision, self.decider.store.current.snapshot.mode)
+            if self._kv.write(self._sensor, ident, allow, generation):
+                break
+        with self._lock:
+            if len(self._held) >= self.HELD_MAX:
+                self._held.clear()  # execs that never reached the hook; their records go
+            self._held[identity_key(ident)] = decision
+        self._n["filled_by_fanotify"] += 1
+        return True
+
+    def _loop(self) -> None:
+        pump(self._sensor, self._stop, self._handle, self._n, "errors", self.POLL_MS,
+             heartbeat=self.heartbeat)
+
+    def _handle(self, lrec: Any) -> None:
+        from agent.sensors.decode import KernelState
+
+        rec, eperm = lrec.record, lrec.eperm
+        event: ExecEvent = rec.event
+        self._n["records"] += 1
+        self._n["kernel_denials"] += int(eperm)
+        snapshot = self.decider.store.current.snapshot
+        with self._lock:
+            held = self._held.pop(identity_key(event.identity), None)
+        if held is not None:  # fanotify decided this exec a moment ago
+            event = dataclasses.replace(event, exe=held.event.exe)
+            self.record(replace_decision(held, event=event))
+            return
+        if rec.state is KernelState.ALLOW:
+            # record the first exec of each file version (it may only have been pre-warmed),
+            # then count: a decision line per cache hit would cost the agent more than the
+            # exec costs the kernel
+            self._n["kernel_hits"] += 1
+            if event.identity not in self._recorded:
+                if len(self._recorded) >= self.RECORDED_MAX:
+                    self._recorded.clear()
+                self._recorded.add(event.identity)
+                self.record(Decision(event, True, Reason.OK, "kernel verdict map hit",
+                                     Enforcement.NONE, Source.CACHE,
+                                     policy_version=snapshot.version))
+            return
+        fd = open_exec_file(event)  # a denied exec never ran: /proc/PID/exe is the old one
+        if fd is None:
+            self._n["vanished"] += 1
+            self.record(Decision(event, not eperm, Reason.VERIFY_FAILED,
+                                 "the file was gone before it could be verified",
+                                 self.enforcement if eperm else Enforcement.NONE,
+                                 Source.DEFAULT, policy_version=snapshot.version))
+            return
+        generation = self._kv.generation
+        try:
+            ident = identity_of(os.fstat(fd))
+            decision = self.decider.decide(event, fd, self.enforcement)
+        finally:
+            os.close(fd)
+        self._n["decided"] += 1
+        if self._per_file_ok(snapshot):
+            self._kv.write(self._sensor, ident, map_allows(decision, snapshot.mode),
+                           generation)
+        if eperm and decision.allow:  # denied as unknown; trusted now, so the next exec runs
+            decision = replace_decision(decision, allow=False, reason=Reason.UNVERIFIED,
+                                enforcement=self.enforcement,
+                                detail="denied: not verified before its exec; verified "
+                                f"since ({decision.detail}): the next exec runs")
+        elif eperm:
+            decision = replace_decision(decision, enforcement=self.enforcement)
+        self.record(decision)
+
+    def alive(self, max_silence_s: float) -> Optional[str]:
+        """None while the ring poll loop (and the fanotify feeder, when on) turn."""
+        if self._thread is None or not self._thread.is_alive():
+            return "bpf-lsm ring poll thread not running"
+        why = self.heartbeat.check(max_silence_s)
+        if why is None and self._feeder is not None:
+            why = self._feeder.alive(max_silence_s)
+        return why
+
+    def remember(self, path: str, identity: FileIdentity, allow: bool) -> None:
+        """The pre-scan and close-after-write verdicts: into the map before the first exec."""
+        snapshot = self.decider.store.current.snapshot
+        if self.covers(identity) and snapshot.in_scope(path) and not snapshot.caller_dependent:
+            self._kv.write(self._sensor, identity, allow, self._kv.generation)
+
+    def _per_file_ok(self, snapshot: PolicySnapshot) -> bool:
+        """A verdict decided for one exec may stand for the file: always, unless a rule
+        depends on the caller and no fanotify fill re-decides each exec for its own caller
+        (then it would let the next caller run unjudged; without it, such files stay
+        unknown and enforce denies them: fail closed)."""
+        return not snapshot.caller_dependent or self._feeder is not None
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._feeder is not None:
+            self._feeder.stop()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self._sensor is not None:
+            self._sensor.close()  # the hook goes with it: nothing is denied any more
+
+    def stats(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = dict(self._n)
+        if self._sensor is not None:
+            out["sensor"] = self._sensor.stats().__dict__
+        if self._feeder is not None:
+            out["fanotify_stats"] = self._feeder.stats()
+        return out
+
+
+class FmodRetRunner(LsmRunner):
+    """fmod_ret on security_bprm_check: the BPF LSM backend's verdict map, logic and fanotify
+    fill, through a tracing program, for kernels where bpf is not an active LSM."""
+
+    ENFORCEMENT = Enforcement.FMOD_RET_DENY
+    NEVER_RAN = "the fmod_ret program attached but never ran"
+
+    def _new_sensor(self, config: Any) -> Any:
+        from agent.sensors.bpf_fmod_ret import BpfFmodRetSensor
+
+        return BpfFmodRetSensor(config)
