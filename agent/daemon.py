@@ -31,7 +31,7 @@ from agent.policy import load_policy as read_policy
 from agent.prewarm import Prewarmer
 from agent.record import Recorder, RecorderConfig
 from agent.record.audit_format import agent_start, agent_stop, backend_selected, policy_loaded
-from agent.service import ServiceLink
+from agent.service.watchdog import ServiceLink
 
 FLUSH_EVERY_S = 30.0
 
@@ -207,10 +207,14 @@ class Agent:
         return out
 
     def status_line(self) -> str:
-        s = self.status({})
+        s = self.handle({"cmd": "status"})  # with every feature's section (bundle, break-glass)
         dec = s["decisions"]["decisions"]
         lat = s["decisions"]["latency_us"]
+        glass = s.get("breakglass") or {}
+        extra = (f" BREAK-GLASS={glass.get('remaining_s')}s-left" if glass.get("active")
+                 else "")
         return (f"status: {s['state']} backend={s['backend']} enforcement={s['enforcement']} "
+                f"policy=v{s['policy']['version']}{extra} "
                 f"decisions={sum(dec.values())} deny={dec.get('deny', 0)} "
                 f"would-deny={dec.get('would-deny', 0)} cache={s['cache'].get('entries')} "
                 f"hit-rate={s['cache'].get('hit_rate', 0):.2f} p50={lat['p50']}us "
@@ -233,7 +237,7 @@ class Agent:
         for warning in report.warnings:
             self.say(f"WARNING: {warning}")
         self.decider = Decider(PolicyStore(snap), cache)
-        from agent.breakglass_agent import register as register_breakglass
+        from agent.breakglass.overlay import register as register_breakglass
 
         register_breakglass(self)  # its verbs exist before the socket opens
         self.bundles.attach(self)  # policy-apply, the expiry ticker, status.policy_bundle

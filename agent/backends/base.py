@@ -14,8 +14,8 @@ from typing import Any, Callable, Dict, Optional, Protocol, Set, Tuple
 
 from agent.decision import Decision, Enforcement, ExecEvent, FileIdentity
 from agent.errors import ExecguardError
-from agent.heartbeat import Heartbeat
 from agent.policy import Mode, PolicySnapshot
+from agent.service.heartbeat import Heartbeat
 
 Record = Callable[[Decision], None]
 PREFERENCE = ("bpf-lsm", "fmod-ret", "fanotify-exec", "fanotify-open", "kill", "audit-only")

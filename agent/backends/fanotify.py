@@ -19,8 +19,8 @@ from agent.backends.base import (
 from agent.decide import Decider
 from agent.decision import Decision, Enforcement, ExecEvent, FileIdentity, Source
 from agent.errors import ExecguardError, Reason
-from agent.heartbeat import Heartbeat
 from agent.policy import Action, PolicySnapshot
+from agent.service.heartbeat import Heartbeat
 
 
 class FanotifyRunner:

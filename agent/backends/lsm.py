@@ -30,8 +30,8 @@ from agent.backends.fanotify import FanotifyRunner
 from agent.decide import Decider
 from agent.decision import Decision, Enforcement, ExecEvent, FileIdentity, Source
 from agent.errors import ExecguardError, Reason
-from agent.heartbeat import Heartbeat
 from agent.policy import Mode, PolicySnapshot
+from agent.service.heartbeat import Heartbeat
 
 
 class _FanotifyFeeder(FanotifyRunner):

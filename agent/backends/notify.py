@@ -18,8 +18,8 @@ from agent.backends.base import (
 from agent.decide import Decider
 from agent.decision import Enforcement, ExecEvent, FileIdentity
 from agent.errors import ExecguardError
-from agent.heartbeat import Heartbeat
 from agent.policy import PolicySnapshot
+from agent.service.heartbeat import Heartbeat
 
 
 class NotifyAuditRunner:

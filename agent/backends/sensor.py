@@ -21,8 +21,8 @@ from agent.backends.base import (
 from agent.decide import Decider
 from agent.decision import Decision, Enforcement, ExecEvent, FileIdentity, Source
 from agent.errors import Reason
-from agent.heartbeat import Heartbeat
 from agent.policy import Mode, PolicySnapshot
+from agent.service.heartbeat import Heartbeat
 
 
 class SensorRunner:

@@ -8,7 +8,7 @@ import math
 import sys
 from typing import Any, Dict, Optional
 
-from agent.breakglass import (
+from agent.breakglass.token import (
     DEFAULT_KEYS_DIR,
     DEFAULT_MAX_SECONDS,
     MAX_TOKEN_BYTES,

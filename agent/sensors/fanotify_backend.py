@@ -20,10 +20,10 @@ import threading
 import time
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
-from agent.heartbeat import Heartbeat
 from agent.sensors import fanotify_scope as scope
 from agent.sensors import fanotify_sys as fs
 from agent.sensors.fanotify_model import Cause, Decide, Lookup, Observer, Outcome, Pending
+from agent.service.heartbeat import Heartbeat
 
 __all__ = ["Cause", "Decide", "FanotifyBackend", "Lookup", "Observer", "Outcome"]
 

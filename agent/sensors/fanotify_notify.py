@@ -14,9 +14,9 @@ import threading
 from typing import Callable, Dict, Optional, Sequence
 
 from agent.decision import ExecEvent
-from agent.heartbeat import Heartbeat
 from agent.sensors import fanotify_scope as scope
 from agent.sensors import fanotify_sys as fs
+from agent.service.heartbeat import Heartbeat
 
 FAN_OPEN = 0x00000020
 FAN_OPEN_EXEC = 0x00001000

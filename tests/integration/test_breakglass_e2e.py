@@ -21,7 +21,7 @@ from typing import Any, Dict, List
 import pytest
 
 from agent import signing
-from agent.breakglass import HostId, issue
+from agent.breakglass.token import HostId, issue
 from tests.agent_fixtures import REPO, exec_file, running_agent, scoped_tmpfs, wait_for
 from tests.policy_fixtures import Material, copy_signed, material_fixture  # noqa: F401
 from tests.record_fixtures import auditd_running, run_tool, wait_in_log
@@ -86,7 +86,8 @@ def test_breakglass_applies_expires_and_is_single_use(tmp_path: Path,
         unsigned = copy_signed(material.bins["app"], scope / "bad", None)
         signed = copy_signed(material.bins["app"], scope / "ok", material.private["a"])
         args = ("--mode", "enforce", "--scope", str(scope), "--key", str(material.keys["a"]),
-                "--backend", BACKEND, "--breakglass-keys", str(bg_keys))
+                "--backend", BACKEND, "--breakglass-keys", str(bg_keys),
+                "--status-interval", "1")
         with running_agent(tmp_path, *args) as agent:
             assert agent.status()["enforcement"] == DENY
             assert exec_file(unsigned).returncode == 126
@@ -133,6 +134,7 @@ def test_breakglass_applies_expires_and_is_single_use(tmp_path: Path,
             assert "break-glass ACTIVE: monitor mode until" in status.stdout
             assert agent.status()["mode"] == "monitor"
             assert agent.status()["enforcement"] == "monitor"
+            wait_for(lambda: "BREAK-GLASS=" in agent.output.read_text(), timeout=5)  # console
             assert time.time() < not_after, "the machine was too slow for this test"
 
             # expiry: enforcement returns without a restart, and the exec that ran during

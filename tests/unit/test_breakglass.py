@@ -11,7 +11,7 @@ from typing import Dict
 import pytest
 
 from agent import signing
-from agent.breakglass import (
+from agent.breakglass.token import (
     CLOCK_SKEW_S,
     PAYLOAD_TYPE,
     HostId,

@@ -12,8 +12,8 @@ from typing import Any, Dict, Iterator, List, Tuple
 import pytest
 
 from agent import signing
-from agent.breakglass import HostId, Ledger, issue
-from agent.breakglass_agent import BreakGlass, monitor_overlay
+from agent.breakglass.overlay import BreakGlass, monitor_overlay
+from agent.breakglass.token import HostId, Ledger, issue
 from agent.cache import TrustedCache, binding_for, default_path
 from agent.daemon import Agent, RunOptions, load_snapshot
 from agent.decide import Decider

@@ -14,8 +14,8 @@ from typing import Iterator, List, Tuple
 import pytest
 
 from agent import signing
-from agent.breakglass import HostId, Token, local_host_id
-from agent.breakglass_agent import BreakGlass
+from agent.breakglass.overlay import BreakGlass
+from agent.breakglass.token import HostId, Token, local_host_id
 from agent.cli import main
 from agent.cli.breakglass_cmd import parse_time
 from agent.control import ControlServer

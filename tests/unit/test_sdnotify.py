@@ -11,7 +11,7 @@ from typing import Dict, Iterator, List
 
 import pytest
 
-from agent.sdnotify import (
+from agent.service.sdnotify import (
     MAX_STATUS,
     Notifier,
     NotifyConfigError,

@@ -10,10 +10,10 @@ from pathlib import Path
 
 from agent.cache import TrustedCache
 from agent.decide import Decider
-from agent.heartbeat import Heartbeat
 from agent.policy import PolicyStore, apply_overrides, default_policy
 from agent.policy.load import parse_policy
-from agent.service import PROBE_NAME, DecisionProbe, canary_fd, probe_path
+from agent.service.heartbeat import Heartbeat
+from agent.service.watchdog import PROBE_NAME, DecisionProbe, canary_fd, probe_path
 
 
 def signature_policy(scope: Path, tmp_path: Path) -> Decider:

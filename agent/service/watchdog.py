@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional
 from agent.backends import CANARIES
 from agent.decide import Decider
 from agent.decision import Enforcement, ExecEvent, FileIdentity
-from agent.heartbeat import Heartbeat
 from agent.policy import PolicySnapshot
-from agent.sdnotify import Notifier
+from agent.service.heartbeat import Heartbeat
+from agent.service.sdnotify import Notifier
 
 if TYPE_CHECKING:
     from agent.daemon import Agent

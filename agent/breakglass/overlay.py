@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
 
-from agent.breakglass import (
+from agent.breakglass.token import (
     DEFAULT_KEYS_DIR,
     DEFAULT_MAX_SECONDS,
     DEFAULT_THRESHOLD,
