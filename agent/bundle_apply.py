@@ -158,8 +158,7 @@ class BundleManager:
         records of what happened before the recorder existed."""
         self.agent = agent
         agent.commands["policy-apply"] = self.handle_apply
-        status = agent.commands["status"]
-        agent.commands["status"] = lambda request: self.decorate(status(request))
+        agent.status_sections.append(self.decorate)
         agent.tickers.append(self.tick)
         for event, line, text in self._early:
             self._emit(event, line, text)
@@ -339,7 +338,8 @@ class BundleManager:
                                  b.digest, b.source, text), line, f"WARNING: {text}"
                    if not expired else text)
 
-    def decorate(self, status: Dict[str, Any]) -> Dict[str, Any]:
+    def decorate(self, status: Dict[str, Any]) -> None:
+        """Add ``policy_bundle`` to a status reply; ``alarm`` once the bundle expired."""
         now = _now()
         state = self.expiry_state(now)
         section: Dict[str, Any] = {
@@ -357,7 +357,6 @@ class BundleManager:
             status.setdefault("warnings", []).append(
                 f"ALARM: policy bundle v{b.version} expired at {format_time(b.expires)}; "
                 "still enforcing it")
-        return status
 
 
 def _peek(path: str) -> bytes:

@@ -147,6 +147,8 @@ class Agent:
         # control-socket verbs: each feature registers its own (status, policy-apply, ...)
         self.commands: Dict[str, Callable[[Dict[str, Any]], Dict[str, Any]]] = {
             "status": self.status}
+        # each adds its section to a status reply (bundle, break-glass, metrics), in order
+        self.status_sections: List[Callable[[Dict[str, Any]], None]] = []
         # called from the main loop about every 0.2 s with time.monotonic(); must not block
         self.tickers: List[Callable[[float], None]] = []
         # called after every policy swap with the new effective snapshot (runners re-arm the
@@ -204,10 +206,12 @@ class Agent:
             "prewarm": self.prewarmer.stats.to_json() if self.prewarmer else None,
             "warnings": list(st.warnings) + list(snap.warnings),
         }
+        for section in self.status_sections:
+            section(out)
         return out
 
     def status_line(self) -> str:
-        s = self.handle({"cmd": "status"})  # with every feature's section (bundle, break-glass)
+        s = self.status({})
         dec = s["decisions"]["decisions"]
         lat = s["decisions"]["latency_us"]
         glass = s.get("breakglass") or {}

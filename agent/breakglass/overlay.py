@@ -92,12 +92,7 @@ class BreakGlass:
         agent.commands["breakglass-apply"] = self.apply
         agent.commands["breakglass-end"] = self.end
         agent.commands["breakglass-status"] = lambda _request: self.status()
-        plain_status = agent.commands["status"]
-
-        def status(request: Dict[str, Any]) -> Dict[str, Any]:
-            return dict(plain_status(request), breakglass=self.status())
-
-        agent.commands["status"] = status
+        agent.status_sections.append(lambda out: out.update(breakglass=self.status()))
 
     def recover(self) -> None:
         """A break-glass open in the ledger ended when its agent stopped: say so once."""

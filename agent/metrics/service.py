@@ -48,9 +48,7 @@ class MetricsService:
     def start(self) -> None:
         a = self.agent
         a.commands["metrics"] = self.control
-        plain_status = a.commands["status"]
-        a.commands["status"] = lambda request: dict(plain_status(request),
-                                                    metrics=self.summary())
+        a.status_sections.append(lambda out: out.update(metrics=self.summary()))
         a.policy_hooks.append(self.policy_installed)
         if self.cfg.textfile:
             self.textfile = TextfileWriter(self.cfg.textfile, self.render, self.cfg.interval_s)
