@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 from agent.errors import ExecguardError, InputError
+from agent.fileio import check_root_owned
 from agent.policy.bundle import (
     format_time,
     looks_like_bundle,
@@ -112,7 +113,8 @@ class BundleManager:
             current = self._restore(applied)
         candidates = ([bundle_arg] if bundle_arg else []) + self._drop_candidates()
         for path in candidates:  # each one is judged against what the previous applied
-            snap = self._try(path, "start", early=True, explicit=path == bundle_arg)
+            snap = self._try(path, "start", early=True, explicit=path == bundle_arg,
+                             drop=path != bundle_arg)
             if snap is not None:
                 current = snap
         if current is None and bundle_arg is not None:
@@ -137,6 +139,20 @@ class BundleManager:
                                       threshold=self.threshold), None
         else:
             check, snap = self._check(data, path, None, early=True)
+        b = check.bundle
+        if data is not None and snap is not None and b is not None and check.digest and \
+                check.digest != applied.digest and b.version > applied.version and \
+                check.reason in (BundleReason.OK, BundleReason.EXPIRED):
+            # the agent stopped between keeping the bundle and recording it (commit order:
+            # current.bundle, then applied.json): it verified then and again now, and it is
+            # newer, so finish that commit rather than fall back to the plain policy
+            try:
+                applied = self.store.commit(data, b.version, check.digest)
+            except OSError as exc:
+                raise ExecguardError(f"{self.store.state_path}: cannot complete the "
+                                     f"interrupted commit of v{b.version}: "
+                                     f"{exc.strerror or exc}") from None
+            self._say(f"policy bundle v{b.version}: completed a commit interrupted by a stop")
         if check.digest != applied.digest and snap is not None:
             check = BundleCheck(BundleReason.MALFORMED, f"is not the applied bundle "
                                 f"{applied.digest}", check.digest, check.bundle,
@@ -170,7 +186,7 @@ class BundleManager:
         applied_any = False
         try:
             for path in self._drop_candidates():
-                if self._try(path, "drop-dir") is not None:
+                if self._try(path, "drop-dir", drop=True) is not None:
                     applied_any = True
                     break
         except (ExecguardError, OSError) as exc:  # e.g. the pinned key directory is gone
@@ -202,13 +218,15 @@ class BundleManager:
         return check_bundle(data, source, pinned, self.threshold, _now(), min_version,
                             self.state_dir, log_dir)
 
-    def _try(self, path: str, origin: str, early: bool = False, explicit: bool = False
-             ) -> Optional[PolicySnapshot]:
-        """Verify and, when accepted, commit and install ``path``; None when refused."""
+    def _try(self, path: str, origin: str, early: bool = False, explicit: bool = False,
+             drop: bool = False) -> Optional[PolicySnapshot]:
+        """Verify and, when accepted, commit and install ``path``; None when refused.
+        ``drop``: a drop-directory file, taken only as root's own (no symlink, not
+        writable by others)."""
         with self._lock:
             applied = self.store.load()
             try:
-                data = read_bundle_file(path)
+                data = read_bundle_file(path, root_only=drop)
             except InputError as exc:
                 check = BundleCheck(BundleReason.MALFORMED, str(exc), threshold=self.threshold)
                 self._note(check, path, origin, early)
@@ -286,7 +304,11 @@ class BundleManager:
         """Bundle files in the drop directory, highest (claimed) version first."""
         try:
             names = os.listdir(self.drop_dir)
+            check_root_owned(self.drop_dir, os.stat(self.drop_dir))
         except OSError:
+            return []
+        except InputError as exc:  # whoever can write there could pick what root applies
+            self._say(f"WARNING: policy drop directory ignored: {exc}")
             return []
         found: List[Tuple[int, str]] = []
         for name in names:
@@ -294,7 +316,7 @@ class BundleManager:
                 continue
             path = os.path.join(self.drop_dir, name)
             try:
-                data = read_bundle_file(path)
+                data = read_bundle_file(path, root_only=True)
                 version = parse_payload(parse_envelope_bytes(data, path).payload, path).version
             except ExecguardError:
                 version = -1  # still tried, so its rejection is recorded

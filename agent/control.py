@@ -83,9 +83,15 @@ class ControlServer:
             request = json.loads(data or b"{}")
             if not isinstance(request, dict):
                 raise ValueError("request is not a JSON object")
-            reply = self.handler(request)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: deeply nested JSON
             reply = {"error": f"bad request: {exc}"}
+        else:
+            try:
+                reply = self.handler(request)
+            except ValueError as exc:
+                reply = {"error": f"bad request: {exc}"}
+            except Exception as exc:  # a handler's bug must not end the control thread
+                reply = {"error": f"internal error: {type(exc).__name__}: {exc}"}
         conn.sendall(json.dumps(reply, default=str).encode() + b"\n")
 
     def close(self) -> None:

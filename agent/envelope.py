@@ -140,7 +140,7 @@ def parse_envelope(data: bytes, source: str, payload_type: str) -> Envelope:
         raise MalformedInput(source, f"{len(data)} bytes is larger than {MAX_ENVELOPE}")
     try:
         doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # deeply nested JSON
         raise MalformedInput(source, f"not a JSON signed envelope ({exc})") from None
     if not isinstance(doc, dict):
         raise MalformedInput(source, "not a JSON object")

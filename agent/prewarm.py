@@ -20,7 +20,7 @@ from agent.decide import Decider
 from agent.decision import FileIdentity
 from agent.digest import Artifact
 from agent.errors import ExecguardError
-from agent.policy import Mode, decide, subject_of
+from agent.policy import Mode, PolicySnapshot, decide, subject_of
 from agent.sensors import fanotify_sys as fs
 from agent.sensors.fanotify_scope import PSEUDO_FS, mounts
 
@@ -29,7 +29,8 @@ FAN_CLASS_NOTIF = 0x00000000
 ELF_MAGIC = b"\x7fELF"
 SIGNATURE_SUFFIXES = (".sig", ".sigstore.json", ".bundle")
 
-OnResult = Callable[[str, FileIdentity, bool], None]
+# (path, identity, allow, the policy it was decided under)
+OnResult = Callable[[str, FileIdentity, bool, PolicySnapshot], None]
 
 
 @dataclass
@@ -116,7 +117,9 @@ class Prewarmer:
             # verdict maps allow it too
             runs = outcome.allow or (outcome.mode is Mode.MONITOR
                                      and snapshot.mode is Mode.ENFORCE)
-            self.on_result(path, identity_from_stat(st), runs)
+            # the snapshot goes along: a policy swap during this (slow) decision must not
+            # let the old policy's verdict into the map the swap has just emptied
+            self.on_result(path, identity_from_stat(st), runs, snapshot)
         return outcome.allow
 
     def signature_changed(self, binary: str) -> None:

@@ -27,7 +27,15 @@ esac
 # systemctl only on this machine's own root, and only where systemd is the running init
 manager() { [ -z "$DESTDIR" ] && [ -d /run/systemd/system ] && command -v systemctl >/dev/null; }
 
+is_our_venv() { [ -f "$ROOT/pyvenv.cfg" ] && [ -e "$ROOT/bin/execguard" ]; }
+
 do_install() {
+    # venv --clear empties the directory: only a missing or empty one, or our own venv
+    if [ -d "$ROOT" ] && [ -n "$(ls -A "$ROOT")" ] && ! is_our_venv; then
+        log "$ROOT exists, is not empty and is not an execguard venv: refusing to clear it" \
+            "(choose another PREFIX, or remove it by hand)"
+        exit 2
+    fi
     log "venv with the agent in $ROOT"
     "$PY" -m venv --system-site-packages --clear "$ROOT"
     local compile=()
@@ -68,7 +76,7 @@ do_uninstall() {
     rm -f "$UNIT"
     manager && systemctl daemon-reload
     # only a venv this script made: never rm -rf an arbitrary PREFIX
-    if [ -f "$ROOT/pyvenv.cfg" ] && [ -e "$ROOT/bin/execguard" ]; then
+    if is_our_venv; then
         rm -rf "$ROOT"
     elif [ -e "$ROOT" ]; then
         log "$ROOT is not an execguard venv: left alone"

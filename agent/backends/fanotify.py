@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import threading
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 from agent.backends.base import (
     Record,
@@ -19,8 +19,23 @@ from agent.backends.base import (
 from agent.decide import Decider
 from agent.decision import Decision, Enforcement, ExecEvent, FileIdentity, Source
 from agent.errors import ExecguardError, Reason
-from agent.policy import Action, PolicySnapshot
+from agent.policy import Action, Mode, PolicySnapshot
+from agent.sensors.fanotify_model import ALLOW_ONCE, AllowOnce
 from agent.service.heartbeat import Heartbeat
+
+
+def answer_for(decision: Decision, enforcement: Enforcement, snapshot: PolicySnapshot
+               ) -> Union[bool, AllowOnce]:
+    """The open's answer. A would-deny that runs only because its rule is in monitor mode
+    (the policy enforces) must not leave an ignore mark: the mark is per inode, so after a
+    rename (or a link) into a path that an enforcing rule covers, the file would run
+    unjudged and unrecorded. In a monitor policy nothing is blocked anywhere, so the mark
+    stays (and a switch to enforce flushes every mark)."""
+    if decision.allow:
+        return True
+    if decision.enforcement is enforcement:
+        return False
+    return ALLOW_ONCE if snapshot.mode is Mode.ENFORCE else True
 
 
 class FanotifyRunner:
@@ -94,11 +109,11 @@ class FanotifyRunner:
         self._backend = new
         old.stop()
 
-    def _decide(self, event: ExecEvent, fd: int) -> bool:
+    def _decide(self, event: ExecEvent, fd: int) -> Union[bool, AllowOnce]:
         decision = self.decider.decide(with_exe(event), fd, self.enforcement)
         with self._lock:
             self._pending[id(event)] = (event, decision)
-        return decision.allow or decision.enforcement is not self.enforcement
+        return answer_for(decision, self.enforcement, self.decider.store.current.snapshot)
 
     def _observe(self, outcome: Any) -> None:
         from agent.sensors.fanotify_backend import Cause
@@ -124,7 +139,8 @@ class FanotifyRunner:
                                  outcome.detail or f"denied: {outcome.cause.value}",
                                  self.enforcement, Source.DEFAULT))
 
-    def remember(self, path: str, identity: FileIdentity, allow: bool) -> None:
+    def remember(self, path: str, identity: FileIdentity, allow: bool,
+                 decided_under: Optional[PolicySnapshot] = None) -> None:
         """Nothing to do: the fanotify path consults the verdict cache at exec time."""
 
     def policy_changed(self, snapshot: PolicySnapshot) -> None:
@@ -147,7 +163,18 @@ class FanotifyRunner:
         if state != "running":
             return f"{self.name}: fanotify loop {state}"
         beat: Heartbeat = backend.heartbeat
-        return beat.check(max_silence_s)
+        why = beat.check(max_silence_s)
+        if why is not None:
+            return why
+        # the loop turns even when every decide worker is stuck (each exec then gets the
+        # on_timeout answer, forever): execs waiting with no decision finished for longer
+        # than the window (or the policy's deadline, when longer) mean a wedged decide path
+        deadline = self.decider.store.current.snapshot.limits.decision_deadline_ms / 1000
+        stalled = float(backend.stalled_s())
+        if stalled > max(max_silence_s, deadline):
+            return (f"{self.name}: execs waiting, no decision finished for {stalled:.1f}s "
+                    "(decide workers stuck)")
+        return None
 
     def stop(self) -> None:
         if self._backend is not None:

@@ -7,7 +7,7 @@ import dataclasses
 import os
 import subprocess
 import threading
-from typing import Any, Dict, Optional, Set, Tuple
+from typing import Any, Dict, Optional, Set, Tuple, Union
 
 from agent.backends.base import (
     KernelVerdicts,
@@ -26,11 +26,12 @@ from agent.backends.base import (
     run_canary,
     with_exe,
 )
-from agent.backends.fanotify import FanotifyRunner
+from agent.backends.fanotify import FanotifyRunner, answer_for
 from agent.decide import Decider
 from agent.decision import Decision, Enforcement, ExecEvent, FileIdentity, Source
 from agent.errors import ExecguardError, Reason
 from agent.policy import Mode, PolicySnapshot
+from agent.sensors.fanotify_model import ALLOW_ONCE, AllowOnce
 from agent.service.heartbeat import Heartbeat
 
 
@@ -44,9 +45,13 @@ class _FanotifyFeeder(FanotifyRunner):
         super().__init__("fanotify-exec", lsm.decider, lsm.record)
         self.lsm = lsm
 
-    def _decide(self, event: ExecEvent, fd: int) -> bool:
-        if self.lsm.fill(with_exe(event), fd):
-            return True  # the map holds the verdict: the LSM hook enforces it
+    def _decide(self, event: ExecEvent, fd: int) -> Union[bool, AllowOnce]:
+        decision = self.lsm.fill(with_exe(event), fd)
+        if decision is not None:  # the map holds the verdict: the LSM hook enforces it
+            # but a monitor rule's would-deny must be asked again (see answer_for)
+            answer = answer_for(decision, self.lsm.enforcement,
+                                self.decider.store.current.snapshot)
+            return ALLOW_ONCE if answer is ALLOW_ONCE else True
         return super()._decide(event, fd)
 
     def _observe(self, outcome: Any) -> None:
@@ -199,11 +204,11 @@ class LsmRunner:
         sensor.set_mode(enforce=enforce, deny_unknown=enforce)
         self._n["policy_swaps"] += 1
 
-    def fill(self, event: ExecEvent, fd: int) -> bool:
-        """Verify a file the LSM covers and write its verdict before fanotify answers.
-        False when the LSM does not cover it (fanotify then enforces itself)."""
+    def fill(self, event: ExecEvent, fd: int) -> Optional[Decision]:
+        """Verify a file the LSM covers and write its verdict before fanotify answers; the
+        decision, or None when the LSM does not cover it (fanotify then enforces itself)."""
         if not self.covers(event.identity):
-            return False
+            return None
         for _attempt in range(3):  # a policy swap during the decision: decide again
             generation = self._kv.generation
             ident = identity_of(os.fstat(fd))  # the stamp of what is verified, taken before it
@@ -216,7 +221,7 @@ class LsmRunner:
                 self._held.clear()  # execs that never reached the hook; their records go
             self._held[identity_key(ident)] = decision
         self._n["filled_by_fanotify"] += 1
-        return True
+        return decision
 
     def _loop(self) -> None:
         pump(self._sensor, self._stop, self._handle, self._n, "errors", self.POLL_MS,
@@ -285,11 +290,16 @@ class LsmRunner:
             why = self._feeder.alive(max_silence_s)
         return why
 
-    def remember(self, path: str, identity: FileIdentity, allow: bool) -> None:
-        """The pre-scan and close-after-write verdicts: into the map before the first exec."""
+    def remember(self, path: str, identity: FileIdentity, allow: bool,
+                 decided_under: Optional[PolicySnapshot] = None) -> None:
+        """The pre-scan and close-after-write verdicts: into the map before the first exec.
+        ``decided_under``: the policy the verdict came from; after a swap it is dropped."""
+        generation = self._kv.generation  # first: a swap from here on makes the write fail
         snapshot = self.decider.store.current.snapshot
+        if decided_under is not None and decided_under is not snapshot:
+            return
         if self.covers(identity) and snapshot.in_scope(path) and not snapshot.caller_dependent:
-            self._kv.write(self._sensor, identity, allow, self._kv.generation)
+            self._kv.write(self._sensor, identity, allow, generation)
 
     def _per_file_ok(self, snapshot: PolicySnapshot) -> bool:
         """A verdict decided for one exec may stand for the file: always, unless a rule

@@ -72,7 +72,8 @@ class NotifyAuditRunner:
     def _on_exec(self, event: ExecEvent, fd: int) -> None:
         self.record(self.decider.decide(event, fd, self.enforcement))
 
-    def remember(self, path: str, identity: FileIdentity, allow: bool) -> None:
+    def remember(self, path: str, identity: FileIdentity, allow: bool,
+                 decided_under: Optional[PolicySnapshot] = None) -> None:
         """Nothing to do: audit-only consults the verdict cache at each exec."""
 
     def policy_changed(self, snapshot: PolicySnapshot) -> None:

@@ -164,11 +164,17 @@ class SensorRunner:
             return f"{self.heartbeat.name} thread not running"
         return self.heartbeat.check(max_silence_s)
 
-    def remember(self, path: str, identity: FileIdentity, allow: bool) -> None:
+    def remember(self, path: str, identity: FileIdentity, allow: bool,
+                 decided_under: Optional[PolicySnapshot] = None) -> None:
+        """A pre-warm verdict into the kernel map; one decided under a policy that has
+        been swapped out since is dropped (the swap emptied the map for the new policy)."""
+        generation = self._kv.generation  # first: a swap from here on makes the write fail
         snapshot = self.decider.store.current.snapshot
+        if decided_under is not None and decided_under is not snapshot:
+            return
         if self._sensor is not None and self._kernel_judges(snapshot) and \
                 snapshot.in_scope(path):
-            self._kv.write(self._sensor, identity, allow, self._kv.generation)
+            self._kv.write(self._sensor, identity, allow, generation)
 
     def policy_changed(self, snapshot: PolicySnapshot) -> None:
         """A policy hook: kills follow the new mode and scope, and the kernel forgets every

@@ -200,9 +200,10 @@ class BreakGlass:
         try:  # spent before it takes effect: a crash after this cannot allow a replay
             self.ledger.append({"event": "applied", "at": iso(self.clock()),
                                 "nonce": token.nonce, "token": token.to_json()})
-        except OSError as exc:
+        except (OSError, ExecguardError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             raise Rejected("ledger-error", f"{self.ledger.path}: cannot record the token "
-                           f"({exc.strerror or exc}); refused") from None
+                           f"({why}); refused") from None
         return token
 
     def _install(self) -> None:
@@ -227,7 +228,7 @@ class BreakGlass:
         try:
             self.ledger.append({"event": "ended", "at": iso(self.clock()), "nonce": nonce,
                                 "why": why, "detail": detail})
-        except OSError as exc:
+        except (OSError, ExecguardError) as exc:
             self._warn(f"{self.ledger.path}: cannot record the end of {nonce[:12]}: {exc}")
         self._event(AgentEventKind.BREAKGLASS_END, nonce, (("reason", why), ("info", detail)))
 
@@ -236,7 +237,7 @@ class BreakGlass:
         try:
             self.ledger.append({"event": "rejected", "at": iso(self.clock()), "nonce": nonce,
                                 "why": exc.code, "detail": exc.detail[:1000]})
-        except OSError as err:
+        except (OSError, ExecguardError) as err:
             self._warn(f"{self.ledger.path}: cannot record a rejection: {err}")
         self._event(AgentEventKind.BREAKGLASS_REJECT, nonce, (
             ("reason", exc.code), ("info", exc.detail[:900])), ok=False)

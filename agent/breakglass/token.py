@@ -23,6 +23,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Set, Tuple
 
 from agent.envelope import Envelope, check_signatures, parse_envelope
 from agent.errors import ExecguardError, InputError, MalformedInput
+from agent.fileio import check_root_owned
 from agent.signing import PrivateKey
 from agent.verify.keys import key_fingerprint, load_public_key
 from agent.verify.model import TrustedKey
@@ -141,7 +142,7 @@ class Token:
         alternative spellings of one payload), sane values."""
         try:
             doc = json.loads(data.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise MalformedInput(source, f"payload is not JSON ({exc})") from None
         if not isinstance(doc, dict):
             raise MalformedInput(source, "payload is not a JSON object")
@@ -272,7 +273,7 @@ def claimed_nonce(data: bytes) -> Optional[str]:
     try:
         env = parse_envelope(data[:MAX_TOKEN_BYTES], "token", PAYLOAD_TYPE)
         nonce = json.loads(env.payload).get("nonce")
-    except (ExecguardError, ValueError, AttributeError):
+    except (ExecguardError, ValueError, AttributeError, RecursionError):
         return None
     return nonce if isinstance(nonce, str) and _NONCE.match(nonce) else None
 
@@ -308,8 +309,7 @@ class Ledger:
         except OSError as exc:
             raise InputError(self.path, exc.strerror or str(exc)) from None
         with os.fdopen(fd, "rb") as fh:
-            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-                raise InputError(self.path, "is not a regular file")
+            _check_owner(self.path, os.fstat(fh.fileno()))
             data = fh.read(MAX_LEDGER_BYTES + 1)
         if len(data) > MAX_LEDGER_BYTES:
             raise MalformedInput(self.path, f"larger than {MAX_LEDGER_BYTES} bytes")
@@ -317,7 +317,7 @@ class Ledger:
         for number, line in enumerate(data.split(b"\n")[:-1], 1):
             try:
                 rec = json.loads(line)
-            except (ValueError, UnicodeDecodeError):
+            except (ValueError, UnicodeDecodeError, RecursionError):
                 rec = None
             if not isinstance(rec, dict) or not isinstance(rec.get("event"), str):
                 raise MalformedInput(self.path, f"line {number} is not a ledger record")
@@ -343,6 +343,7 @@ class Ledger:
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC |
                      os.O_NOFOLLOW, 0o600)
         try:
+            _check_owner(self.path, os.fstat(fd))
             _cut_torn_tail(fd)
             os.write(fd, line.encode())
             os.fsync(fd)
@@ -354,6 +355,14 @@ class Ledger:
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
+
+
+def _check_owner(path: str, st: os.stat_result) -> None:
+    """Whoever may write the ledger may erase an ``applied`` line and replay its token: only
+    a regular file of the agent's own, writable by it alone, is trusted (fail closed)."""
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(path, "is not a regular file")
+    check_root_owned(path, st)
 
 
 def _cut_torn_tail(fd: int) -> None:

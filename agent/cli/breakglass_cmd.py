@@ -55,7 +55,7 @@ def add_parser(sub: Any) -> None:
     i.add_argument("--host", required=True, metavar="HOST",
                    help="what 'execguard breakglass host-id' prints on the target host")
     length = i.add_mutually_exclusive_group(required=True)
-    length.add_argument("--minutes", type=float, metavar="N",
+    length.add_argument("--minutes", type=_finite, metavar="N",
                         help="how long it lasts (fractions allowed, e.g. 0.5)")
     length.add_argument("--seconds", type=int, metavar="N", help="how long it lasts")
     i.add_argument("--reason", required=True, metavar="TEXT",
@@ -64,7 +64,7 @@ def add_parser(sub: Any) -> None:
     i.add_argument("-o", "--output", metavar="FILE", help="write the token here (mode 0600)")
     i.add_argument("--not-before", metavar="TIME",
                    help="valid from TIME (UNIX seconds or ISO 8601 UTC); default now")
-    i.add_argument("--max-minutes", type=float, default=DEFAULT_MAX_SECONDS / 60,
+    i.add_argument("--max-minutes", type=_finite, default=DEFAULT_MAX_SECONDS / 60,
                    metavar="N", help="refuse to issue longer tokens (default %(default)g; "
                    "agents enforce their own cap)")
     i.add_argument("--json", action="store_true",
@@ -120,6 +120,17 @@ def _positive_minutes(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not 0 < value < 10 ** 7:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a positive number of minutes")
+    return value
+
+
+def _finite(text: str) -> float:
+    """A number of minutes; NaN and infinity are usage errors, not tracebacks."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or abs(value) > 10 ** 9:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a finite number of minutes")
     return value
 
 
@@ -208,7 +219,7 @@ def _read_token(path: str) -> str:
         raise InputError(path, "not UTF-8 text: not a break-glass token") from None
     try:  # compact: it must fit one control-socket request (the signature is not over this)
         return json.dumps(json.loads(text), separators=(",", ":"))
-    except ValueError:
+    except (ValueError, RecursionError):
         return text  # the agent says what is wrong with it, and records the refusal
 
 

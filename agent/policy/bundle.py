@@ -56,17 +56,26 @@ def parse_time(text: str) -> datetime:
         value = value[:-1] + "+00:00"
     try:
         when = datetime.fromisoformat(value)
+        # held in UTC: an offset that moves the time out of datetime's range is an error
+        # here, not an OverflowError wherever the time is later compared or printed
+        return (when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
+                ).astimezone(timezone.utc)
+    except OverflowError:
+        raise ValueError(f"{text!r} is out of range in UTC") from None
     except ValueError:
         raise ValueError(f"{text!r} is not an ISO-8601 time such as 2027-01-31T12:00:00Z"
                          ) from None
-    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
 
 
 def parse_expiry(text: str, issued_at: datetime) -> datetime:
     """``30d``, ``12h``, ``2w`` (after ``issued_at``) or an ISO-8601 time."""
     m = _DURATION.fullmatch(text.strip())
     if m is not None:
-        return issued_at + timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
+        try:
+            return issued_at + timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
+        except OverflowError:
+            raise ValueError(f"{text!r} after {format_time(issued_at)} is out of range"
+                             ) from None
     return parse_time(text)
 
 
@@ -168,9 +177,10 @@ def parse_payload(payload: bytes, source: str) -> PolicyBundle:
                         payload_digest(payload))
 
 
-def read_bundle_file(path: str) -> bytes:
-    """The bytes of a bundle file (regular files only, size-capped); InputError otherwise."""
-    return read_small_file(path, MAX_BUNDLE_BYTES, "a policy bundle")
+def read_bundle_file(path: str, root_only: bool = False) -> bytes:
+    """The bytes of a bundle file (regular files only, size-capped); InputError otherwise.
+    ``root_only``: no symlink, root's file, writable by root alone (the drop directory)."""
+    return read_small_file(path, MAX_BUNDLE_BYTES, "a policy bundle", root_only)
 
 
 def parse_envelope_bytes(data: bytes, source: str) -> Envelope:
@@ -185,7 +195,7 @@ def looks_like_bundle(data: bytes) -> bool:
         return False
     try:
         doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return False
     return isinstance(doc, dict) and doc.get("payloadType") == PAYLOAD_TYPE
 
@@ -205,7 +215,7 @@ class EmbeddedTrust:
         for path, text in bundle.roots.items():
             try:
                 doc = json.loads(text)
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:
                 raise MalformedInput(source, f"bundle trusted root {path}: not JSON ({exc})"
                                      ) from None
             if not isinstance(doc, dict):

@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from agent.decision import Decision, Enforcement, ExecEvent, FileIdentity, Source
 from agent.errors import MalformedInput, Reason
@@ -151,7 +151,20 @@ def _evidence(r: _Reader, src: Any) -> Optional[Evidence]:
         log_index=r.typed(src, "log_index", int, True),
         integrated_time=r.typed(src, "integrated_time", int, True),
         bundle_media_type=r.typed(src, "bundle_media_type", str, True),
+        extensions=_extensions(r, r.typed(src, "extensions", dict, True) or {}),
     )
+
+
+def _extensions(r: _Reader, src: Dict[str, Any]) -> Tuple[Tuple[str, str], ...]:
+    """A keyless signer's Fulcio extensions (OID -> text), sorted by OID as the verifier
+    makes them: a candidate policy that requires them (``policy whatif``) must see them."""
+    out = []
+    for oid, text in src.items():
+        parts = oid.split(".")
+        if not isinstance(text, str) or not all(p.isdigit() for p in parts):
+            raise r.fail(f"field 'evidence.extensions': {oid!r} is not an OID with a text value")
+        out.append((oid, text))
+    return tuple(sorted(out, key=lambda kv: [int(p) for p in kv[0].split(".")]))
 
 
 def from_json(obj: Any, path: str = "<record>", line: int = 0) -> LoggedDecision:

@@ -130,7 +130,7 @@ def child_main(argv: List[str]) -> int:
     objs: List[Any] = []  # kept open until exit: programs stay attached, then all go together
 
     def compile_tracing() -> Dict[str, Any]:
-        objs.append(BPF(text=PROGRAM_TRACING))
+        objs.append(BPF(text=PROGRAM_TRACING.encode()))
         return {}
 
     if not _Step(out, "bcc-compile").run(compile_tracing) or not want_load:
@@ -154,11 +154,11 @@ def child_main(argv: List[str]) -> int:
     _Step(out, "send-signal").run(attach("eg_signal_exec", raw=False))
 
     def lsm() -> Dict[str, Any]:
-        objs.append(BPF(text=PROGRAM_LSM))
+        objs.append(BPF(text=PROGRAM_LSM.encode()))
         return {}
 
     def fmod_ret() -> Dict[str, Any]:
-        fb = BPF(text=PROGRAM_FMOD_RET)
+        fb = BPF(text=PROGRAM_FMOD_RET.encode())
         objs.append(fb)
         fn = fb.load_func(b"kmod_ret__security_bprm_check", BPF.TRACING)
         # BCC < 0.35 has no attach_fmod_ret(); the kfunc attach takes fmod_ret programs.

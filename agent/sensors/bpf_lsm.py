@@ -205,7 +205,8 @@ class BpfLsmSensor:
         log: List[str] = []
         try:
             with _captured_stderr() as log:
-                self._bpf: Any = bcc.BPF(text=program_text(self.source), cflags=self.cflags)
+                text = program_text(self.source).encode()  # BCC deprecates str source
+                self._bpf: Any = bcc.BPF(text=text, cflags=self.cflags)
                 self._attach(bcc)
         except Exception as exc:  # BCC raises bare Exception for compile, load and attach
             self.close()

@@ -22,7 +22,15 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 from agent.sensors import fanotify_scope as scope
 from agent.sensors import fanotify_sys as fs
-from agent.sensors.fanotify_model import Cause, Decide, Lookup, Observer, Outcome, Pending
+from agent.sensors.fanotify_model import (
+    ALLOW_ONCE,
+    Cause,
+    Decide,
+    Lookup,
+    Observer,
+    Outcome,
+    Pending,
+)
 from agent.service.heartbeat import Heartbeat
 
 __all__ = ["Cause", "Decide", "FanotifyBackend", "Lookup", "Observer", "Outcome"]
@@ -75,6 +83,11 @@ class FanotifyBackend:
         self.heartbeat = Heartbeat("fanotify")  # each loop turn: the service watchdog
         self._lock = threading.Lock()
         self._pending: Dict[int, Pending] = {}
+        # handed to the workers and not decided yet (answered by on_timeout or not): the
+        # service watchdog's proof that decisions, not only the loop, make progress
+        self._undecided: Dict[int, Pending] = {}
+        self._decided_at = time.monotonic()  # when a worker last finished a decision
+        self.worker_tids: List[int] = []  # for diagnostics (the service verb) and tests
         self._work: queue.SimpleQueue[Optional[Pending]] = queue.SimpleQueue()
         self._notes: queue.SimpleQueue[Optional[Outcome]] = queue.SimpleQueue()
         self._threads: List[threading.Thread] = []
@@ -178,11 +191,13 @@ class FanotifyBackend:
         return out
 
     # -- marks ------------------------------------------------------------------------
-    def _ignore(self, p: Pending, epoch: Optional[int] = None) -> bool:
+    def _ignore(self, p: Pending, epoch: Optional[int] = None, mark: bool = True) -> bool:
         """Kernel-side cache, then a re-check of the stamp: a change that raced the mark
         means the verdict covers other bytes. Lock held; returns False when it changed.
-        ``epoch``: the policy epoch the verdict was made in; a stale one adds no mark."""
-        marked = self._ignore_marks and self._group >= 0 and epoch in (None, self._epoch)
+        ``epoch``: the policy epoch the verdict was made in; a stale one adds no mark.
+        ``mark`` False (an ``ALLOW_ONCE`` answer): only the re-check, no mark."""
+        marked = (mark and self._ignore_marks and self._group >= 0
+                  and epoch in (None, self._epoch))
         if marked:
             try:
                 fs.ignore_mark(self._group, self._mask, p.fd)
@@ -287,6 +302,7 @@ class FanotifyBackend:
             return
         with self._lock:
             self._pending[id(p)] = p
+            self._undecided[id(p)] = p
         self._work.put(p)
 
     def _cached(self, p: Pending) -> bool:
@@ -328,28 +344,46 @@ class FanotifyBackend:
         for p in late:
             self._note(self._outcome(p, Cause.TIMEOUT, self._on_timeout))
 
+    def stalled_s(self) -> float:
+        """How long execs have waited for the workers while none of them finished a
+        decision (0.0 when none waits, or while decisions still come out: a backlog, not
+        a wedge). The loop answers on_timeout and keeps beating while every worker is
+        stuck, so this is what shows that decisions stopped."""
+        now_ns = time.monotonic_ns()
+        with self._lock:
+            if not self._undecided:
+                return 0.0
+            waited = (now_ns - min(p.t0 for p in self._undecided.values())) / 1e9
+            return max(0.0, min(waited, now_ns / 1e9 - self._decided_at))
+
     def _worker(self) -> None:
+        with self._lock:
+            self.worker_tids.append(threading.get_native_id())
         while True:
             p = self._work.get()
             if p is None:
                 return
             detail = ""
             epoch = self._epoch
+            mark = True
             try:
-                allowed = bool(self._decide(p.event, p.fd))
+                answer = self._decide(p.event, p.fd)
+                allowed, mark = bool(answer), answer is not ALLOW_ONCE
             except Exception as e:  # a verifier bug must not kill the worker: deny
                 allowed, detail = False, f"decide raised {type(e).__name__}: {e}"
             with self._lock:
                 p.done = True
+                self._undecided.pop(id(p), None)
+                self._decided_at = time.monotonic()
                 if p.answered:  # the loop already gave the on_timeout answer
                     if allowed and not detail:
-                        self._ignore(p, epoch)  # the next exec is a kernel cache hit
+                        self._ignore(p, epoch, mark)  # the next exec is a kernel cache hit
                     os.close(p.fd)
                     self._n[Cause.LATE.value] += 1
                     cause = Cause.LATE
                 else:
                     cause = Cause.ERROR if detail else Cause.DECIDED
-                    if allowed and cause is Cause.DECIDED and not self._ignore(p, epoch):
+                    if allowed and cause is Cause.DECIDED and not self._ignore(p, epoch, mark):
                         allowed, cause = False, Cause.CHANGED
                     self._answer(p, allowed, cause)
             self._note(self._outcome(p, cause, allowed, detail))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 from agent.decision import ExecEvent
 
@@ -35,7 +35,17 @@ class Outcome:
     detail: str = ""
 
 
-Decide = Callable[[ExecEvent, int], bool]
+class AllowOnce:
+    """decide()'s answer for an exec that runs although its verdict is not an allow (a
+    monitor rule's would-deny in an enforce policy): answered allow, but no ignore mark, so
+    the file is asked again at its next exec, by any path (a rename keeps the mark)."""
+
+    def __bool__(self) -> bool:
+        return True
+
+
+ALLOW_ONCE = AllowOnce()
+Decide = Callable[[ExecEvent, int], Union[bool, AllowOnce]]
 Lookup = Callable[[ExecEvent], Optional[bool]]
 Observer = Callable[[Outcome], None]
 

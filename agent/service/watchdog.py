@@ -6,7 +6,8 @@ A live process is not enough: the agent can be running while the loop that answe
 events is wedged, or while the decision path (policy store, cache, verifier) hangs. So the
 watchdog ping needs two proofs, both fresh:
 
-1. the backend's event loop turned recently (its ``Heartbeat``; ``runner.alive()``), and
+1. the backend's event loop turned recently (its ``Heartbeat``; ``runner.alive()``, which
+   for fanotify also fails when an exec waits on a stuck decide worker), and
 2. a synthetic decision, through the same policy store and cache as real execs, on a canary
    file kept in a memfd, completed within the policy's decision deadline.
 
@@ -163,6 +164,16 @@ def heartbeats(runner: Any) -> List[Heartbeat]:
     return found
 
 
+def workers(runner: Any) -> Optional[Dict[str, Any]]:
+    """The fanotify decide workers (their kernel ids, how long decisions have stalled while
+    execs wait), else None."""
+    backend = getattr(runner, "_backend", None)
+    stalled = getattr(backend, "stalled_s", None)
+    if stalled is None:
+        return None
+    return {"tids": list(getattr(backend, "worker_tids", [])), "stalled_s": round(stalled(), 2)}
+
+
 class ServiceLink:
     """The agent's side of the systemd protocol. Without $NOTIFY_SOCKET it does nothing."""
 
@@ -273,4 +284,5 @@ class ServiceLink:
             "probe": self.probe.to_json() if self.probe is not None else None,
             "loops": [{"name": b.name, "tid": b.tid, "silent_s": round(b.silent_for(now), 2)}
                       for b in heartbeats(self.agent.runner)],
+            "workers": workers(self.agent.runner),
         }

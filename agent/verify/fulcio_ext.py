@@ -86,7 +86,8 @@ def fulcio_extensions(cert: x509.Certificate) -> Extensions:
     out: Dict[str, str] = {}
     try:
         extensions = list(cert.extensions)
-    except ValueError:  # a malformed extension elsewhere: nothing is provable from them
+    except (ValueError, x509.DuplicateExtension):  # not a ValueError in cryptography 50
+        # a malformed or repeated extension: nothing is provable from them
         return ()
     for ext in extensions:
         oid = ext.oid.dotted_string

@@ -272,7 +272,7 @@ def cert_identity(cert: x509.Certificate) -> Tuple[List[str], Optional[str]]:
         for other in names.get_values_for_type(x509.OtherName):
             if other.type_id == OID_OTHERNAME_SAN:
                 sans.append(_der_utf8(other.value))
-    except (x509.ExtensionNotFound, ValueError):
+    except (x509.ExtensionNotFound, x509.DuplicateExtension, ValueError):
         pass
     issuer = None
     for oid, decode in ((OID_ISSUER_V2, _der_utf8), (OID_ISSUER_V1, bytes.decode)):
@@ -280,6 +280,7 @@ def cert_identity(cert: x509.Certificate) -> Tuple[List[str], Optional[str]]:
             ext = cert.extensions.get_extension_for_oid(oid).value
             issuer = decode(ext.value)  # type: ignore[attr-defined]
             break
-        except (x509.ExtensionNotFound, ValueError, UnicodeDecodeError):
+        except (x509.ExtensionNotFound, x509.DuplicateExtension, ValueError,
+                UnicodeDecodeError):
             continue
     return sans, issuer

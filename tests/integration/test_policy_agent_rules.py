@@ -101,3 +101,43 @@ match = {{ paths = ["{scope}/owned"], owner_uids = [0] }}
             assert run_as(user_owned).returncode == 126
             rec = agent.wait_decision(str(user_owned))[-1]
             assert (rec["decision"], rec["reason"]) == ("deny", "no-rule")
+
+
+def test_monitor_rule_would_deny_leaves_no_ignore_mark_a_rename_could_carry(
+        tmp_path: Path) -> None:
+    """Review finding: a monitor rule's would-deny was answered like an allow, with a
+    per-inode fanotify ignore mark. The mark survives a rename, so the same unsigned file
+    moved into a path that an enforcing rule covers ran there unjudged and unrecorded."""
+    with scoped_tmpfs("16m") as scope:
+        trial = script(scope / "trial" / "new.sh")
+        (scope / "prod").mkdir()
+        policy = tmp_path / "policy.toml"
+        policy.write_text(f"""
+version = 1
+mode = "enforce"
+scopes = ["{scope}"]
+fallthrough = "deny"
+[trust]
+keys = []
+
+[[rules]]
+id = "trial"
+action = "deny"
+mode = "monitor"
+match = {{ paths = ["{scope}/trial"] }}
+""")
+        with running_agent(tmp_path, "--policy", str(policy), "--backend",
+                           "fanotify-exec", "--no-prewarm") as agent:
+            assert run_as(trial).returncode == 0
+            assert agent.wait_decision(str(trial))[-1]["enforcement"] == "monitor"
+            # every exec of a would-deny file is decided and recorded, not only the first
+            assert run_as(trial).returncode == 0
+            assert len(agent.wait_decision(str(trial), 2)) == 2
+
+            moved = scope / "prod" / "new.sh"
+            os.rename(trial, moved)  # same inode: an ignore mark would come along
+            denied = run_as(moved)
+            assert denied.returncode == 126 and "Operation not permitted" in denied.stderr
+            rec = agent.wait_decision(str(moved))[-1]
+            assert (rec["decision"], rec["reason"], rec["enforcement"]) == (
+                "deny", "no-rule", "fanotify-deny")

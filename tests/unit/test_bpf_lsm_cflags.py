@@ -105,7 +105,7 @@ def compiled_ir(source: str, cflags: List[str]) -> Tuple[str, str]:
         try:
             text = program_text(source) if source != "exec_sensor.c" else \
                 Path(BPF_DIR, source).read_text()
-            loaded = bcc.BPF(text=text, cflags=cflags, debug=bcc.DEBUG_LLVM_IR)
+            loaded = bcc.BPF(text=text.encode(), cflags=cflags, debug=bcc.DEBUG_LLVM_IR)
         except Exception as exc:  # BCC raises bare Exception
             failure = str(exc)
         else:

@@ -74,7 +74,7 @@ HELPERS = {
 def bpf() -> Iterator[Any]:
     from bcc import BPF
 
-    b = BPF(text=SOURCE)
+    b = BPF(text=SOURCE.encode())
     try:
         yield b
     finally:
