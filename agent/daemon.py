@@ -371,7 +371,12 @@ class Agent:
                 now = time.monotonic()
                 if self._reload.is_set():
                     self._reload.clear()
-                    self.reload()
+                    try:
+                        self.reload()
+                    except Exception as exc:  # a reload bug must not stop enforcement
+                        self.say(f"WARNING: policy reload failed, the current policy stays: "
+                                 f"{exc!r}")
+                        self.status_state.warnings.append(f"policy reload failed: {exc!r}")
                 if self.opts.status_interval > 0 and now >= next_status:
                     self.console.line(self.status_line())
                     next_status = now + self.opts.status_interval

@@ -82,7 +82,8 @@ def walk_elf_candidates(roots: Sequence[str], skip: Sequence[str], limit: int
 
 
 class Prewarmer:
-    """Fills the verdict cache ahead of execs; ``on_result(path, identity, allow)``."""
+    """Fills the verdict cache ahead of execs; ``on_result(path, identity, allow, snapshot)``
+    with the policy snapshot the verdict was decided under."""
 
     def __init__(self, decider: Decider, on_result: Optional[OnResult] = None,
                  max_files: int = 20000, skip: Sequence[str] = ()) -> None:

@@ -93,8 +93,9 @@ class FanotifyRunner:
         from agent.sensors.fanotify_backend import FanotifyBackend
 
         self._scopes = tuple(snapshot.scope_roots())
-        # rules on the caller's uid/gid: an ignore mark would let every caller skip them
-        self._per_file = not snapshot.caller_dependent
+        # rules on the caller or on paths: an ignore mark would let other callers, or the
+        # file renamed elsewhere, skip them
+        self._per_file = snapshot.file_decides
         return FanotifyBackend(
             snapshot.scope_roots(), self._decide, snapshot.limits.decision_deadline_ms / 1000,
             snapshot.effective_on_timeout is Action.ALLOW, [self._watchdog.pid],
@@ -148,7 +149,7 @@ class FanotifyRunner:
         marks would otherwise let them run past a revocation)."""
         if self._backend is not None:
             if (tuple(snapshot.scope_roots()) != self._scopes
-                    or snapshot.caller_dependent == self._per_file):
+                    or snapshot.file_decides != self._per_file):
                 self._remark(snapshot)
             else:
                 self._backend.forget_allowed()

@@ -234,6 +234,28 @@ class PolicySnapshot:
         return any(m.uids is not None or m.gids is not None or m.owner_uids is not None
                    or m.owner_gids is not None for m in (r.match for r in self.rules))
 
+    @property
+    def path_dependent(self) -> bool:
+        """Some rule or scope tells paths apart below a watched directory: then a fanotify
+        ignore mark, which stays on the inode through a rename or a new hard link, would let
+        a file allowed at one path run unjudged at another. (The kernel verdict maps are
+        keyed with the ctime, which a rename or link changes.)"""
+        def everywhere(g: Glob) -> bool:
+            return g.pattern.rstrip("/") in ("", "/**")
+
+        def whole_dir(g: Glob) -> bool:
+            root = g.root().rstrip("/")
+            return g.pattern.rstrip("/") in (root, root + "/**")
+
+        return (any(not everywhere(g) for r in self.rules for g in r.match.paths)
+                or any(not whole_dir(g) for g in self.scopes))
+
+    @property
+    def file_decides(self) -> bool:
+        """An allow depends on the file alone (its bytes and their signature), so fanotify
+        may remember it on the inode with an ignore mark."""
+        return not (self.caller_dependent or self.path_dependent)
+
     def in_scope(self, path: str) -> bool:
         return any(g.matches(path) for g in self.scopes)
 

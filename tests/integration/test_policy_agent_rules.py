@@ -141,3 +141,39 @@ match = {{ paths = ["{scope}/trial"] }}
             rec = agent.wait_decision(str(moved))[-1]
             assert (rec["decision"], rec["reason"], rec["enforcement"]) == (
                 "deny", "no-rule", "fanotify-deny")
+
+
+def test_an_allow_earned_by_path_does_not_follow_the_file_through_a_rename(
+        tmp_path: Path) -> None:
+    """Review finding: an allow by a path rule put a fanotify ignore mark on the inode; the
+    mark survives a rename, so the file moved into a denied directory on the same mount ran
+    there unjudged. With path rules the agent keeps no ignore marks, so every exec is asked."""
+    with scoped_tmpfs("16m") as scope:
+        tool = script(scope / "tools" / "t.sh")
+        (scope / "uploads").mkdir()
+        policy = tmp_path / "policy.toml"
+        policy.write_text(f"""
+version = 1
+mode = "enforce"
+scopes = ["{scope}"]
+fallthrough = "deny"
+[trust]
+keys = []
+
+[[rules]]
+id = "tools"
+action = "allow"
+match = {{ paths = ["{scope}/tools"] }}
+""")
+        with running_agent(tmp_path, "--policy", str(policy), "--backend",
+                           "fanotify-exec", "--no-prewarm") as agent:
+            for _ in range(2):  # the second exec would have been a kernel cache hit
+                assert run_as(tool).returncode == 0
+            assert agent.status()["sensor"].get("ignore_marks", 0) == 0
+            moved = scope / "uploads" / "t.sh"
+            os.rename(tool, moved)  # same inode
+            denied = run_as(moved)
+            assert denied.returncode == 126 and "Operation not permitted" in denied.stderr
+            rec = agent.wait_decision(str(moved))[-1]
+            assert (rec["decision"], rec["reason"], rec["enforcement"]) == (
+                "deny", "no-rule", "fanotify-deny")

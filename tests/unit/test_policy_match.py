@@ -203,3 +203,15 @@ def test_caller_dependent_policies_are_flagged() -> None:
                       ).caller_dependent
     for match in ({"uids": [0]}, {"gids": [10]}, {"owner_uids": [0]}, {"owner_gids": [0]}):
         assert policy([{"id": "r", "action": "allow", "match": match}]).caller_dependent
+
+
+def test_path_dependent_policies_keep_no_per_inode_allow() -> None:
+    """An ignore mark stays on the inode through a rename: only policies whose verdict does
+    not depend on the path (below whole-directory scopes) may use it."""
+    assert policy([{"id": "r", "action": "allow", "match": {"paths": ["/**"]}}]).file_decides
+    assert not policy([{"id": "r", "action": "allow", "match": {"paths": ["/opt/tools"]}}]
+                      ).file_decides
+    assert not policy([{"id": "r", "action": "allow", "match": {"uids": [0]}}]).file_decides
+    for scopes, whole in ((["/opt/app"], True), (["/opt/app/**"], True), (["/"], True),
+                          (["/srv/**/bin"], False), (["/opt/*.bin"], False)):
+        assert policy([], scopes=scopes).file_decides is whole, scopes
