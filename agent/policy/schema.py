@@ -353,7 +353,9 @@ POLICY = table({
     "description": (string, ""),
     "mode": (choice("monitor", "enforce"), "monitor"),
     "scopes": (array(path_glob, nonempty_list=True), ["/**"]),
-    "on_timeout": (choice("allow", "deny"), "allow"),
+    # deny: a decision an attacker can slow down (a huge file, a stalling FUSE mount) must
+    # not turn into an allow; monitor mode answers allow anyway
+    "on_timeout": (choice("allow", "deny"), "deny"),
     "fallthrough": (choice("allow", "deny"), "deny"),
     "state_dir": (abs_path, "/var/lib/execguard"),
     "log_dir": (abs_path, "/var/log/execguard"),

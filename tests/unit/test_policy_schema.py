@@ -239,7 +239,7 @@ def test_toml_and_json_twins_share_a_digest(tmp_path: Path) -> None:
     changed = parse_policy(TOML_POLICY.replace('"1.19"', '"1.20"').encode(), "c.toml")
     assert changed.digest != a.digest
     # Spelling out a default does not change the meaning, so not the digest either.
-    explicit = TOML_POLICY.replace("version = 7\n", 'version = 7\non_timeout = "allow"\n')
+    explicit = TOML_POLICY.replace("version = 7\n", 'version = 7\non_timeout = "deny"\n')
     assert parse_policy(explicit.encode(), "e.toml").digest == a.digest
 
 
