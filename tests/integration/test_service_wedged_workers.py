@@ -72,8 +72,9 @@ def test_no_pings_while_every_decide_worker_is_stuck(
     assert tids
     frozen: List[Frozen] = [freeze_thread(t) for t in tids]
     try:
-        # answered by the loop's on_timeout (the deadline is 0.5 s), never decided
-        subprocess.run([str(exe)], timeout=20, check=False)
+        # answered by the loop's on_timeout (deny, the deadline is 0.5 s), never decided
+        with pytest.raises(PermissionError):
+            subprocess.run([str(exe)], timeout=20, check=False)
         assert request(agent.socket, "service", timeout=5)["workers"]["stalled_s"] > 0
         status = listener.wait_for("STATUS", WATCHDOG_S * 3, contains="unhealthy")
         assert "decide workers stuck" in status["STATUS"], status
