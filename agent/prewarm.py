@@ -113,11 +113,14 @@ class Prewarmer:
                          lambda trust: self.decider.verify_into_cache(
                              artifact, trust, snapshot, cache_negative=False)[0])
         self.stats.verified += 1
-        if self.on_result is not None:
-            # a monitor rule's denial in an enforce policy does not block: let the kernel
-            # verdict maps allow it too
-            runs = outcome.allow or (outcome.mode is Mode.MONITOR
-                                     and snapshot.mode is Mode.ENFORCE)
+        # a monitor rule's denial in an enforce policy does not block: let the kernel
+        # verdict maps allow it too
+        runs = outcome.allow or (outcome.mode is Mode.MONITOR and snapshot.mode is Mode.ENFORCE)
+        # Only allows go to the kernel maps. A denial adds nothing there (enforce denies an
+        # unknown file anyway, and fanotify decides it at its exec), and it is often stale:
+        # decided at the binary's close-write, before its signature was written, it could
+        # land after the exec's own fill had allowed the signed file, and stick.
+        if self.on_result is not None and runs:
             # the snapshot goes along: a policy swap during this (slow) decision must not
             # let the old policy's verdict into the map the swap has just emptied
             self.on_result(path, identity_from_stat(st), runs, snapshot)
