@@ -18,7 +18,7 @@ from typing import Any, Callable, List, Optional, TextIO
 from agent.control import socket_path
 from agent.errors import ExecguardError
 from agent.policy import PolicySnapshot, default_policy, load_policy
-from agent.record import LogFormatError, LoggedDecision, read_log
+from agent.record import LoggedDecision, read_log
 from agent.record.decision_log import log_files
 from agent.review import (
     FilterError,
@@ -33,6 +33,7 @@ from agent.review import (
     reproduce,
 )
 from agent.review.locate import INSTALLED_POLICY, agent_policy_path, ask_agent
+from agent.review.log_problems import LogProblems
 from agent.review.output import (
     CsvWriter,
     format_summary,
@@ -45,7 +46,6 @@ from agent.review.output import (
 )
 
 EXIT_MATCH, EXIT_NONE, EXIT_ERROR = 0, 1, 2
-MAX_WARNINGS = 20  # bad lines shown on stderr before only counting them
 POLL_S = 0.25
 
 
@@ -104,28 +104,6 @@ def _err(message: str) -> int:
     return EXIT_ERROR
 
 
-class _Problems:
-    """Bad log lines go to stderr with file:line, then are only counted."""
-
-    def __init__(self) -> None:
-        self.bad_lines = 0
-        self.unreadable: List[str] = []
-
-    def __call__(self, exc: LogFormatError) -> None:
-        if exc.problem.startswith("cannot read"):
-            self.unreadable.append(str(exc))
-            print(f"execguard denials: error: {exc}", file=sys.stderr)
-            return
-        self.bad_lines += 1
-        if self.bad_lines <= MAX_WARNINGS:
-            print(f"execguard denials: skipped a bad record: {exc}", file=sys.stderr)
-
-    def finish(self) -> None:
-        if self.bad_lines > MAX_WARNINGS:
-            print(f"execguard denials: skipped {self.bad_lines} bad records in all",
-                  file=sys.stderr)
-
-
 def _locate(args: argparse.Namespace, asked: bool = False,
             reply: Optional[Any] = None) -> str:
     socket = args.socket or socket_path(args.state_dir)
@@ -169,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace, log_dir: str, query: Query) -> int:
     """Streams in log order (the order the agent decided, oldest first): a log of a few
     hundred thousand records is never held as objects, only the table's text rows."""
-    problems = _Problems()
+    problems = LogProblems("execguard denials")
     matches = (r for r in read_log(log_dir, problems) if query.matches(r))
     out = sys.stdout
     count = 0
@@ -217,7 +195,7 @@ def _summary_csv(summary: Any, out: TextIO) -> None:
 def _follow(args: argparse.Namespace, log_dir: str, query: Query) -> int:
     stop = threading.Event()
     old = signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    problems = _Problems()
+    problems = LogProblems("execguard denials")
     out = sys.stdout
     emit: Callable[[LoggedDecision], None]
     if args.json:
@@ -257,7 +235,7 @@ def _explain(args: argparse.Namespace) -> int:
     # the agent knows its log directory and its policy file; ask only if one is missing
     reply = ask_agent(socket) if not (args.log_dir and args.policy) else None
     log_dir = _locate(args, asked=True, reply=reply)
-    problems = _Problems()
+    problems = LogProblems("execguard denials")
     rec = find_record(read_log(log_dir, problems), args.id)
     problems.finish()
     if rec is None:

@@ -21,15 +21,15 @@ from agent.control import socket_path
 from agent.envelope import check_signatures
 from agent.errors import ExecguardError
 from agent.policy import PolicySnapshot, default_policy, load_policy
-from agent.record import LogFormatError, LoggedDecision
+from agent.record import LoggedDecision
 from agent.review.locate import INSTALLED_POLICY, locate_log_dir
+from agent.review.log_problems import LogProblems
 from agent.review.output import iso_time, printable
 from agent.review.query import FilterError, parse_time
 from agent.review.whatif import Gap, Replayer, recorded_policies
 from agent.review.whatif_report import Report, format_groups, log_paths, read_records, replay_all
 
 EXIT_OK, EXIT_NEWLY_DENIED, EXIT_ERROR = 0, 1, 2
-MAX_WARNINGS = 20
 PROG = "execguard policy whatif"
 DEFAULT_POLICY_KEYS = "/etc/execguard/keys/policy"
 
@@ -155,24 +155,6 @@ def _recorded(args: argparse.Namespace, candidate: PolicySnapshot,
 
 # --- run -------------------------------------------------------------------------------------
 
-class _Problems:
-    def __init__(self, strict: bool) -> None:
-        self.strict = strict
-        self.bad_lines = 0
-        self.unreadable: List[str] = []
-
-    def __call__(self, exc: LogFormatError) -> None:
-        if exc.problem.startswith("cannot read"):
-            self.unreadable.append(str(exc))
-            print(f"{PROG}: error: {exc}", file=sys.stderr)
-            return
-        if self.strict:
-            raise WhatifError(f"bad log record: {exc} (without --strict it is skipped)")
-        self.bad_lines += 1
-        if self.bad_lines <= MAX_WARNINGS:
-            print(f"{PROG}: skipped a bad record: {exc}", file=sys.stderr)
-
-
 def _logs(args: argparse.Namespace) -> List[str]:
     if args.log:
         return log_paths(args.log)
@@ -208,7 +190,7 @@ def _run(args: argparse.Namespace) -> int:
     notes: List[str] = []
     recorded = _recorded(args, cand.snapshot, notes)
     paths = _logs(args)
-    problems = _Problems(args.strict)
+    problems = LogProblems(PROG, WhatifError if args.strict else None)
     replayer = Replayer(cand.snapshot, recorded, reverify=args.reverify)
     report = Report(by_sha256=args.group_by == "sha256")
     digests: Counter = Counter()  # type: ignore[type-arg]
@@ -223,8 +205,7 @@ def _run(args: argparse.Namespace) -> int:
     replay_all(read_records(paths, problems), replayer, report, keep)
     if problems.unreadable:
         raise WhatifError("; ".join(problems.unreadable))
-    if problems.bad_lines > MAX_WARNINGS:
-        print(f"{PROG}: skipped {problems.bad_lines} bad records in all", file=sys.stderr)
+    problems.finish()
     failing = report.newly_denied or (args.fail_on_unknown and report.unknown)
     code = EXIT_NEWLY_DENIED if failing else EXIT_OK
     known = {d: recorded[d].source for d in digests if d in recorded}
@@ -244,7 +225,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _json(args: argparse.Namespace, cand: LoadedCandidate, paths: List[str], report: Report,
-          problems: _Problems, digests: Counter, known: Dict[str, str],  # type: ignore[type-arg]
+          problems: LogProblems, digests: Counter, known: Dict[str, str],  # type: ignore[type-arg]
           notes: List[str], code: int) -> Dict[str, Any]:
     snap = cand.snapshot
     return {
@@ -269,7 +250,7 @@ def _json(args: argparse.Namespace, cand: LoadedCandidate, paths: List[str], rep
 
 
 def _text(args: argparse.Namespace, cand: LoadedCandidate, paths: List[str], report: Report,
-          problems: _Problems, digests: Counter, known: Dict[str, str],  # type: ignore[type-arg]
+          problems: LogProblems, digests: Counter, known: Dict[str, str],  # type: ignore[type-arg]
           notes: List[str], code: int) -> str:
     snap = cand.snapshot
     kind = "policy file" if cand.kind == "policy" else "signed policy bundle"
