@@ -67,6 +67,11 @@ ESBUILD = {
     "esbuild-linux-64@0.14.0": "go1.17.2",
     "esbuild-linux-32@0.13.0": "go1.17.1",
 }
+# A go1.20+ build (pclntab magic 0xfffffff1): Debian 12's go1.19 cannot make one.
+MODERN_ESBUILD = {"@esbuild/linux-x64@0.24.0": "go1.23.1"}
+BUILDINFO_MAGIC = b"\xff Go buildinf:"
+C_HELLO = '#include <stdio.h>\nint main(void) { puts("c says hi"); return 0; }\n'
+C_LIB = "int answer(void) { return 42; }\n"
 
 
 def run(
@@ -112,6 +117,36 @@ def strip_section_headers(src: Path, dst: Path) -> Path:
     else:
         struct.pack_into(order + "I", data, 0x20, 0)
         struct.pack_into(order + "HH", data, 0x30, 0, 0)
+    dst.write_bytes(bytes(data))
+    dst.chmod(0o755)
+    return dst
+
+
+def zero_buildinfo_magic(src: Path, dst: Path) -> Path:
+    """Copy with every build-info magic overwritten: the program still runs (the runtime
+    does not need it), and ``go version`` says "not a Go executable"."""
+    data = src.read_bytes()
+    assert BUILDINFO_MAGIC in data, src
+    dst.write_bytes(data.replace(BUILDINFO_MAGIC, bytes(len(BUILDINFO_MAGIC))))
+    dst.chmod(0o755)
+    return dst
+
+
+def section_span(path: Path, name: str) -> Tuple[int, int]:
+    """(file offset, size) of section ``name``, as binutils' readelf reports it."""
+    out = run(["readelf", "-SW", str(path)]).stdout
+    for line in out.splitlines():
+        cols = line.replace("[ ", "[").split()
+        if len(cols) > 5 and cols[1] == name:
+            return int(cols[4], 16), int(cols[5], 16)
+    raise AssertionError(f"{path}: no section {name}:\n{out}")
+
+
+def zero_section(src: Path, dst: Path, name: str) -> Path:
+    """Copy with the bytes of section ``name`` all zero (section headers kept)."""
+    offset, size = section_span(src, name)
+    data = bytearray(src.read_bytes())
+    data[offset : offset + size] = bytes(size)
     dst.write_bytes(bytes(data))
     dst.chmod(0o755)
     return dst
@@ -232,7 +267,7 @@ def _debian(base: Path) -> Dict[str, Path]:
     return found
 
 
-def _esbuild(base: Path) -> Dict[str, Path]:
+def _esbuild(base: Path, specs: Optional[Dict[str, str]] = None) -> Dict[str, Path]:
     packs, out = base / "npm", base / "esbuild"
     packs.mkdir(parents=True)
     out.mkdir()
@@ -244,13 +279,13 @@ def _esbuild(base: Path) -> Dict[str, Path]:
         "npm_config_update_notifier": "false",
     }
     found: Dict[str, Path] = {}
-    for spec in ESBUILD:
+    for spec in ESBUILD if specs is None else specs:
         proc = run(["npm", "pack", "--silent", "--pack-destination", str(packs), spec], env=env)
         tgz = packs / proc.stdout.strip().splitlines()[-1]
         with tarfile.open(tgz) as tar:
             member = tar.extractfile("package/bin/esbuild")
             assert member is not None, spec
-            target = out / spec.replace("@", "-")
+            target = out / spec.lstrip("@").replace("@", "-").replace("/", "-")
             target.write_bytes(member.read())
         target.chmod(0o755)
         found[spec] = target
@@ -282,6 +317,39 @@ def debian_bins_fixture(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, P
 @pytest.fixture(scope="session", name="esbuild_bins")
 def esbuild_bins_fixture(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
     return _cached("esbuild", tmp_path_factory, _esbuild)
+
+
+@pytest.fixture(scope="session", name="modern_go_bins")
+def modern_go_bins_fixture(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
+    """Go 1.20+ binaries (pclntab magic 0xfffffff1), by npm spec."""
+    return _cached("modern", tmp_path_factory, lambda base: _esbuild(base, MODERN_ESBUILD))
+
+
+def _c_builds(base: Path) -> Dict[str, Path]:
+    """C programs and a shared library built by gcc: ELF files that are not Go."""
+    base.mkdir(parents=True, exist_ok=True)
+    (base / "hello.c").write_text(C_HELLO)
+    (base / "lib.c").write_text(C_LIB)
+    variants = {
+        "c-dynamic": ["hello.c"],
+        "c-pie": ["-fPIE", "-pie", "hello.c"],
+        "c-no-pie": ["-no-pie", "hello.c"],
+        "c-static": ["-static", "hello.c"],
+        "c-static-pie": ["-static-pie", "hello.c"],
+        "c-o2-stripped": ["-O2", "-s", "hello.c"],
+        "libc-answer.so": ["-shared", "-fPIC", "lib.c"],
+    }
+    out: Dict[str, Path] = {}
+    for name, args in variants.items():
+        run(["gcc", "-o", name, *args], cwd=base)
+        out[name] = base / name
+    out["c-noshdr"] = strip_section_headers(out["c-dynamic"], base / "c-noshdr")
+    return out
+
+
+@pytest.fixture(scope="session", name="c_bins")
+def c_bins_fixture(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
+    return _cached("c", tmp_path_factory, _c_builds)
 
 
 def reference_json(paths: List[Path], base: Path) -> Iterator[Tuple[Path, object]]:

@@ -157,7 +157,11 @@ def _decode(elf: Elf, seg: Segment, addr: int) -> BuildInfo:
         raise MalformedInput(path, f"could not parse Go build info: {exc}") from None
 
 
-def read_source(src: Source) -> BuildInfo:
-    elf = parse_elf(src)
+def read_elf(elf: Elf) -> BuildInfo:
+    """The build info of an already parsed ELF file (raises as ``read_source``)."""
     seg, addr = _locate(elf)
     return _decode(elf, seg, addr)
+
+
+def read_source(src: Source) -> BuildInfo:
+    return read_elf(parse_elf(src))

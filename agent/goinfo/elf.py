@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Dict, List, Tuple
 
 from agent.errors import MalformedInput
 from agent.goinfo.model import NoGoBuildInfo
@@ -16,6 +16,7 @@ from agent.goinfo.source import Source, read_exact
 
 ELF_MAGIC = b"\x7fELF"
 PT_LOAD = 1
+PT_DYNAMIC = 2
 PF_X, PF_W = 1, 2
 PN_XNUM = 0xFFFF
 SHN_LORESERVE = 0xFF00
@@ -43,6 +44,10 @@ class Segment:
     def writable_data(self) -> bool:
         return self.type == PT_LOAD and bool(self.flags & PF_W) and not self.flags & PF_X
 
+    @property
+    def writable(self) -> bool:
+        return self.type == PT_LOAD and bool(self.flags & PF_W)
+
 
 @dataclass(frozen=True)
 class Elf:
@@ -69,6 +74,32 @@ class Elf:
         for seg in self.segments:
             if seg.type == PT_LOAD and seg.vaddr <= addr < seg.vaddr + seg.filesz:
                 return seg
+        return None
+
+    def ptr_format(self, ptr_size: int) -> str:
+        """The struct format of one pointer-sized word in this file's byte order."""
+        return self.order + ("I" if ptr_size == 4 else "Q")
+
+    def load_ranges(self) -> Tuple[Tuple[int, int], ...]:
+        """The file byte ranges [start, end) that PT_LOAD segments map, merged and clipped
+        to the file: scanning these touches each byte once, however segments overlap."""
+        spans = sorted((s.offset, min(s.offset + s.filesz, self.src.size))
+                       for s in self.segments if s.type == PT_LOAD and s.filesz > 0)
+        merged: List[Tuple[int, int]] = []
+        for start, end in spans:
+            if start >= end:
+                continue
+            if merged and start <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+            else:
+                merged.append((start, end))
+        return tuple(merged)
+
+    def va_of_offset(self, offset: int) -> Tuple[Segment, int] | None:
+        """The first PT_LOAD that maps file ``offset``, and the address it maps it to."""
+        for seg in self.segments:
+            if seg.type == PT_LOAD and seg.offset <= offset < seg.offset + seg.filesz:
+                return seg, seg.vaddr + (offset - seg.offset)
         return None
 
     def read_va(self, seg: Segment, addr: int, size: int, what: str) -> bytes:
@@ -138,9 +169,14 @@ def _section_table(elf: Elf) -> bytes | None:
 
 def section_addr(elf: Elf, name: bytes) -> int | None:
     """``sh_addr`` of the section called ``name``, or None (no or unusable section headers)."""
+    return section_addrs(elf, (name,)).get(name)
+
+
+def section_addrs(elf: Elf, names: Tuple[bytes, ...]) -> Dict[bytes, int]:
+    """``sh_addr`` of each section in ``names`` that exists (first one of each name)."""
     table = _section_table(elf)
     if table is None:
-        return None
+        return {}
     fmt = elf.order + _LAYOUT[elf.bits // 32][3]
     size = struct.calcsize(fmt)
 
@@ -151,9 +187,11 @@ def section_addr(elf: Elf, name: bytes) -> int | None:
     _, _, str_off, str_size = header(elf.shstrndx)
     str_size = min(str_size, MAX_SHSTRTAB, max(0, elf.src.size - str_off))
     strtab = read_exact(elf.src, str_size, str_off, "section names")
-    want = name + b"\0"
+    found: Dict[bytes, int] = {}
     for i in range(elf.shnum):
         name_off, addr, _, _ = header(i)
-        if strtab[name_off : name_off + len(want)] == want:
-            return int(addr)
-    return None
+        end = strtab.find(b"\0", name_off)
+        name = strtab[name_off:end] if end >= 0 else b""
+        if name in names and name not in found:
+            found[name] = int(addr)
+    return found

@@ -10,7 +10,8 @@ from agent.goinfo import gostr
 
 
 class NoGoBuildInfo(NotGoBinary):
-    """No Go build info in the file. Not proof that it is not Go: policy treats it as unknown."""
+    """No Go build info in the file. Not proof that it is not Go: ``inspect_go`` then looks
+    for the Go runtime's tables, which a Go program cannot run without."""
 
     def __init__(self, path: str, detail: str) -> None:
         super().__init__(f"{path}: {detail}")

@@ -103,3 +103,33 @@ def test_in_process_main(tmp_path: Path, capsysbinary: pytest.CaptureFixture[byt
     assert capsysbinary.readouterr().out == f"{path}: go1.22.3\n".encode()
     assert main(["goinfo", "--json", str(tmp_path)]) == 2
     assert json.loads(capsysbinary.readouterr().out)["error"].endswith("is a directory, not a file")
+
+
+@pytest.mark.slow
+def test_go_runtime_without_build_info_exits_3(go_bins: Dict[str, Path], tmp_path: Path) -> None:
+    bare = fx.strip_section_headers(go_bins["hello-pie"], tmp_path / "pie-noshdr")
+    path = fx.zero_buildinfo_magic(bare, tmp_path / "pie-bare")
+    assert "not a Go executable" in fx.go_version_m(path)[1]
+    rc, out, err = cli(str(path))
+    assert (rc, err) == (3, "")
+    text = out.decode()
+    assert text.startswith(f"{path}: Go binary without Go build info: no Go build info")
+    assert "Go runtime pclntab (go1.18-1.19" in text and "found by scan" in text
+    rc, doc = cli_json(str(path))
+    assert rc == 3 and list(doc) == ["is_go", "file", "evidence", "go_version", "detail",
+                                     "runtime"]
+    assert (doc["is_go"], doc["evidence"], doc["go_version"]) == (True, "runtime", None)
+    rt = doc["runtime"]
+    assert (rt["formats"], rt["magic"], rt["ptr_size"], rt["byte_order"], rt["found_by"]) == (
+        "go1.18-1.19", "0xfffffff0", 8, "little", "scan")
+    assert rt["pclntab"].startswith("0x") and rt["moduledata"].startswith("0x")
+
+
+def test_hostile_runtime_search_exits_2(tmp_path: Path) -> None:
+    from tests import pclntab_synth as ps
+
+    prefix = bytes.fromhex("f0ffffff00000108") + bytes(8)
+    hostile = tmp_path / "hostile"
+    hostile.write_bytes(ps.image(ps.Tables(prefix * 1100, b"")))
+    rc, doc = cli_json(str(hostile))
+    assert rc == 2 and "refusing to search further" in doc["error"]
