@@ -9,6 +9,7 @@ backend exempts). The responder's decide() follows a plan: file name -> action.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import multiprocessing as mp
 import os
 import shutil
@@ -20,11 +21,34 @@ import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from agent.decision import ExecEvent
+from agent.sensors import fanotify_sys as fs
 from agent.sensors.fanotify_backend import FanotifyBackend, Outcome
 from agent.sensors.fanotify_watchdog import Watchdog
 
 CTX = mp.get_context("fork")
 PROBE = "probe-true"  # the liveness probe's binary: always allowed
+
+
+@contextlib.contextmanager
+def own_ext4() -> Iterator[str]:
+    """An ext4 of this test's own on a loop-mounted image (a filesystem whose stamps follow
+    every write: no write guard, no ignore mark there)."""
+    mnt = tempfile.mkdtemp(prefix="execguard-fan-ext4-")
+    image = mnt + ".img"
+    try:
+        subprocess.run(["truncate", "-s", "32M", image], check=True, timeout=10)
+        subprocess.run(["mkfs.ext4", "-q", "-F", image], check=True, timeout=60,
+                       capture_output=True)
+        subprocess.run(["mount", "-o", "loop", image, mnt], check=True, timeout=10)
+        os.chmod(mnt, 0o755)
+        yield mnt
+    finally:
+        if os.path.ismount(mnt) and subprocess.run(["umount", mnt], timeout=10,
+                                                   check=False).returncode != 0:
+            subprocess.run(["umount", "-l", mnt], timeout=10, check=False)
+        os.rmdir(mnt)
+        if os.path.exists(image):
+            os.unlink(image)
 
 
 @contextlib.contextmanager
@@ -77,6 +101,13 @@ def _decide_by_plan(
             return True
         if action == "elf":  # read through the event fd, never the path
             return os.pread(fd, 4, 0) == b"\x7fELF"
+        if action.startswith("sha:"):  # sha:<hex>: allow exactly these bytes (read via fd)
+            digest = hashlib.sha256()
+            offset = 0
+            while chunk := os.pread(fd, 1 << 20, offset):
+                digest.update(chunk)
+                offset += len(chunk)
+            return digest.hexdigest() == action[4:]
         return action == "allow"
 
     return decide
@@ -90,6 +121,20 @@ def _child(cfg: Dict[str, Any], cmds: Any, out: Any) -> None:
         wd = Watchdog.spawn(cfg["watchdog_stall_s"])
 
     lookup_plan: Dict[str, bool] = cfg.get("lookup_plan", {})
+    broken: Dict[str, int] = dict(cfg.get("break_events", {}))  # name -> events to break
+    if broken:
+        from agent.sensors import fanotify_scope
+
+        real = fanotify_scope.exec_event
+
+        def exec_event(pid: int, path: str, st: os.stat_result, backend: str) -> ExecEvent:
+            name = os.path.basename(path)
+            if broken.get(name, 0) > 0:  # a bug in the loop, on purpose
+                broken[name] -= 1
+                raise RuntimeError(f"exec_event broken on purpose for {name}")
+            return real(pid, path, st, backend)
+
+        fanotify_scope.exec_event = exec_event  # type: ignore[assignment]
 
     def lookup(event: ExecEvent) -> Optional[bool]:
         return lookup_plan.get(os.path.basename(event.path))
@@ -110,8 +155,16 @@ def _child(cfg: Dict[str, Any], cmds: Any, out: Any) -> None:
         exempt_descendants=cfg.get("exempt_descendants", True),
         heartbeat_fd=wd.heartbeat_fd if wd else None,
         mask=cfg.get("mask"),
+        **{k: cfg[k] for k in ("share_answers", "max_pending", "max_per_uid", "mounts_every_s")
+           if k in cfg},
     )
     backend.start()
+    if cfg.get("close_write_group"):
+        # a second group of this process, as the agent's pre-warm has: close-after-write
+        # notifications on the scope's mount (never read: they only queue)
+        notify = fs.fanotify_init(fs.FAN_CLOEXEC | fs.FAN_NONBLOCK, fs.EVENT_F_FLAGS)
+        fs.fanotify_mark(notify, fs.FAN_MARK_ADD | fs.FAN_MARK_MOUNT, 0x8, fs.AT_FDCWD,
+                         cfg["scope"])
     out.put(("ready", backend.stats(), wd.pid if wd else None))
     while True:
         cmd = cmds.get()
@@ -197,9 +250,10 @@ class Responder:
 
 
 class LivenessProbe:
-    """Every 0.2 s: change the probe binary (clearing any ignore mark) and exec it. If one
-    round waits past ``limit_s``, SIGKILL the responder: the kernel then allows everything
-    pending, so a broken backend fails the test instead of hanging the host."""
+    """Every 0.2 s: change the probe binary (a write: no ignore mark or memory holds) and
+    exec it. If one round waits past ``limit_s``, SIGKILL the responder: the kernel then
+    allows everything pending, so a broken backend fails the test instead of hanging the
+    host."""
 
     def __init__(self, probe_path: str, responder_pid: int, limit_s: float) -> None:
         self.path, self.pid, self.limit = probe_path, responder_pid, limit_s

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Tuple, Union
 
 from agent.decision import ExecEvent
 
@@ -13,6 +13,7 @@ class Cause(str, Enum):
     """Why an event got the answer it got."""
 
     DECIDED = "decided"  # decide() answered in time
+    SHARED = "shared"  # the same file was being decided for another exec: that answer
     CACHED = "cached"  # lookup() answered on the loop thread, decide() was not called
     TIMEOUT = "timeout"  # deadline passed: the on_timeout answer
     LATE = "late"  # decide() returned after the timeout answer (recorded, not applied)
@@ -22,6 +23,8 @@ class Cause(str, Enum):
     CHANGED = "changed"  # the file changed while it was being decided: denied
     ERROR = "error"  # decide() raised, or the event could not be read: denied
     STOPPING = "stopping"  # still pending at stop(): the on_timeout answer
+    OVERLOAD = "overload"  # over the cap of execs waiting for a decision: denied at once
+    OPENED = "opened"  # an open, not an exec, on a write-guarded filesystem: allowed
 
 
 @dataclass(frozen=True)
@@ -33,12 +36,14 @@ class Outcome:
     event: Optional[ExecEvent]
     latency_us: int  # from reading the event to answering it (LATE: to decide's return)
     detail: str = ""
+    leader: Optional[ExecEvent] = None  # SHARED: the exec whose decide() gave the answer
 
 
 class AllowOnce:
     """decide()'s answer for an exec that runs although its verdict is not an allow (a
-    monitor rule's would-deny in an enforce policy): answered allow, but no ignore mark, so
-    the file is asked again at its next exec, by any path (a rename keeps the mark)."""
+    monitor rule's would-deny in an enforce policy): answered allow, but never remembered
+    and no ignore mark, so the file is judged again at its next exec, by any path (a
+    rename keeps a mark)."""
 
     def __bool__(self) -> bool:
         return True
@@ -50,10 +55,22 @@ Lookup = Callable[[ExecEvent], Optional[bool]]
 Observer = Callable[[Outcome], None]
 
 
-class Pending:
-    """An event handed to decide(): the loop and a worker race to answer it once."""
+FileKey = Tuple[int, int, int, int]  # (dev, ino, ctime ns, size): one version of one file
 
-    def __init__(self, fd: int, event: ExecEvent, t0: int, deadline: float) -> None:
+
+class Pending:
+    """An event handed to decide(): the loop and a worker race to answer it once.
+    ``done``: decide() no longer reads ``fd`` (whoever answers last closes it)."""
+
+    def __init__(self, fd: int, event: ExecEvent, t0: int, deadline: float,
+                 markable: bool = False) -> None:
         self.fd, self.event, self.t0, self.deadline = fd, event, t0, deadline
         self.answered = False
         self.done = False
+        # on a write-guarded filesystem: an allow may leave an ignore mark (fanotify_writes)
+        self.markable = markable
+
+    @property
+    def key(self) -> FileKey:
+        ident = self.event.identity
+        return (ident.dev, ident.ino, ident.ctime_ns, ident.size)

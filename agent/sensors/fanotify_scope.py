@@ -1,9 +1,11 @@
-"""Where the fanotify backend puts its marks, and what it learns about an exec's process.
+"""The scope directories the fanotify backends are given, and what they learn about an
+exec's process.
 
-Marks go on whole mounts (FAN_MARK_MOUNT): the mount that holds each scope, plus every
-mount below a scope. A scope that is not itself a mount point is enforced by path prefix:
-events elsewhere on that mount are allowed at once (see docs/fanotify.md for why not
-FAN_MARK_FILESYSTEM or inode marks).
+The permission backend (fanotify_backend.py) marks filesystems (fanotify_marks.py) and
+places each event with agent/scope; ``scope_dirs`` checks its scopes. The notification
+sensor (fanotify_notify.py, audit-only) still marks mounts: ``resolve`` gives the mount that
+holds each scope, plus every mount below a scope, and it filters a scope that is not a mount
+point by path prefix.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from agent.decision import ExecEvent, FileIdentity
 from agent.errors import InputError
+from agent.scope.mountinfo import unescape
 
 MOUNTINFO = "/proc/self/mountinfo"
 
@@ -23,19 +26,6 @@ class Scopes(NamedTuple):
     dirs: Tuple[str, ...]  # real paths of the scopes
     mounts: Tuple[str, ...]  # mount points to mark
     filtered: bool  # True when some scope is not a mount point: filter by prefix
-
-
-def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo octal.
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and i + 3 < len(field) and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
 
 
 # Kernel pseudo filesystems hold nothing to exec, and some refuse mount marks (EINVAL).
@@ -54,7 +44,7 @@ def mounts(mountinfo: str = MOUNTINFO) -> List[Tuple[str, str]]:
             left, _, right = line.partition(" - ")
             fields = left.split()
             if len(fields) > 4:
-                out.append((_unescape(fields[4]), (right.split() or ["?"])[0]))
+                out.append((unescape(fields[4]), (right.split() or ["?"])[0]))
     return out
 
 
@@ -67,20 +57,27 @@ def under(path: str, root: str) -> bool:
     return root == "/" or path == root or path.startswith(root + "/")
 
 
-def resolve(scopes: Sequence[str], mountinfo: str = MOUNTINFO) -> Scopes:
-    """Real paths of the scopes and the mounts to mark; InputError names a bad scope."""
+def scope_dirs(scopes: Sequence[str]) -> List[str]:
+    """Real paths of the scopes; InputError names a bad scope."""
     if not scopes:
         raise InputError("<scopes>", "no scope given: the fanotify backend marks only scopes")
-    table = mounts(mountinfo)
-    points = [point for point, _ in table]
     dirs: List[str] = []
-    marks: Dict[str, None] = {}
-    filtered = False
     for raw in scopes:
         real = os.path.realpath(raw)
         if not os.path.isdir(real):
             raise InputError(raw, "scope is not an existing directory")
         dirs.append(real)
+    return dirs
+
+
+def resolve(scopes: Sequence[str], mountinfo: str = MOUNTINFO) -> Scopes:
+    """Real paths of the scopes and the mounts to mark; InputError names a bad scope."""
+    dirs = scope_dirs(scopes)
+    table = mounts(mountinfo)
+    points = [point for point, _ in table]
+    marks: Dict[str, None] = {}
+    filtered = False
+    for real in dirs:
         holder = max((m for m in points if under(real, m)), key=len)
         marks[holder] = None
         filtered = filtered or holder != real
@@ -166,7 +163,7 @@ def descends_from(pid: int, ancestor: int, born: Optional[int] = None, depth: in
 
 
 def file_identity(st: os.stat_result) -> FileIdentity:
-    return FileIdentity(st.st_dev, st.st_ino, st.st_ctime_ns, st.st_size)
+    return FileIdentity(st.st_dev, st.st_ino, st.st_ctime_ns, st.st_size, st.st_mtime_ns)
 
 
 def is_executable(mode: int) -> bool:

@@ -16,12 +16,13 @@ import select
 import struct
 import tempfile
 import threading
-from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 # <linux/fanotify.h>: fanotify_init flags
 FAN_CLOEXEC = 0x00000001
 FAN_NONBLOCK = 0x00000002
 FAN_CLASS_CONTENT = 0x00000004
+FAN_CLASS_PRE_CONTENT = 0x00000008  # asked before content-class groups
 FAN_UNLIMITED_QUEUE = 0x00000010
 FAN_UNLIMITED_MARKS = 0x00000020
 # fanotify_mark flags
@@ -29,7 +30,6 @@ FAN_MARK_ADD = 0x00000001
 FAN_MARK_REMOVE = 0x00000002
 FAN_MARK_MOUNT = 0x00000010
 FAN_MARK_IGNORED_MASK = 0x00000020
-FAN_MARK_IGNORED_SURV_MODIFY = 0x00000040
 FAN_MARK_FLUSH = 0x00000080  # without MOUNT/FILESYSTEM: every inode mark
 FAN_MARK_FILESYSTEM = 0x00000100
 # event masks
@@ -115,29 +115,59 @@ def fanotify_mark(group_fd: int, flags: int, mask: int, dirfd: int, path: Option
         _raise("fanotify_mark", path)
 
 
-def mark_mounts(group_fd: int, mounts: Sequence[str], masks: Sequence[int]) -> int:
-    """FAN_MARK_MOUNT on each mount with the first mask of ``masks`` the kernel accepts
-    (probe by trying: FAN_OPEN_EXEC_PERM is EINVAL before Linux 5.0); returns that mask."""
-    flags = FAN_MARK_ADD | FAN_MARK_MOUNT
-    chosen = 0
-    for mount in mounts:
-        for m in [chosen] if chosen else list(masks):
-            try:
-                fanotify_mark(group_fd, flags, m, AT_FDCWD, mount)
-            except OSError as e:
-                if chosen or e.errno != errno.EINVAL or m == masks[-1]:
-                    raise
-                continue
-            chosen = m
-            break
-    return chosen
+def mark_through_fd(group_fd: int, flags: int, mask: int, fd: int) -> None:
+    """fanotify_mark(2) on what the open fd ``fd`` (O_PATH is enough) refers to: its mount
+    (FAN_MARK_MOUNT), its filesystem (FAN_MARK_FILESYSTEM) or its inode. The kernel follows
+    /proc/self/fd/N to the fd's own mount and dentry, so the one path lookup that could wait
+    (a stalled FUSE or network mount on the way) was the caller's open, not this call."""
+    fanotify_mark(group_fd, flags, mask, AT_FDCWD, f"/proc/self/fd/{fd}")
 
 
 def ignore_mark(group_fd: int, mask: int, fd: int, add: bool = True) -> None:
     """Add (or remove) an ignore mark on the file ``fd`` refers to. Never with
-    FAN_MARK_IGNORED_SURV_MODIFY: the kernel clears the mark when the content changes."""
+    FAN_MARK_IGNORED_SURV_MODIFY: the kernel then also clears it at each write(2), refuses
+    it while the inode is open for write, and the caller removes it at each write-open of
+    a write-guarded filesystem (fanotify_writes.py)."""
     flags = (FAN_MARK_ADD if add else FAN_MARK_REMOVE) | FAN_MARK_IGNORED_MASK
     fanotify_mark(group_fd, flags, mask, fd, None)
+
+
+class GroupMarks(NamedTuple):
+    """A group's marks as the kernel lists them in /proc/self/fdinfo/GROUP."""
+
+    filesystems: Dict[int, int]  # st_dev (os.makedev) of each marked filesystem -> its mask
+    mounts: Dict[int, int]  # mount id (as in mountinfo) of each marked mount -> its mask
+    inodes: int = 0  # inode marks (ignore marks among them): the permission group has none
+
+
+def kernel_dev(value: int) -> int:
+    """The kernel's internal dev_t (major << 20 | minor, as fdinfo prints it) as stat()'s."""
+    return os.makedev(value >> 20, value & 0xFFFFF)
+
+
+def group_marks(group_fd: int) -> GroupMarks:
+    """The marks of a group, from the kernel: "fanotify sdev:%x ..." lines are filesystem
+    marks, "fanotify mnt_id:%x ..." mount marks, "fanotify ino:%lx ..." inode marks."""
+    with open(f"/proc/self/fdinfo/{group_fd}", encoding="ascii", errors="replace") as f:
+        text = f.read()
+    devs: Dict[int, int] = {}
+    mounts: Dict[int, int] = {}
+    inodes = 0
+    for line in text.splitlines():
+        if not line.startswith("fanotify "):
+            continue
+        fields = dict(f.partition(":")[::2] for f in line.split(" ")[1:])
+        try:
+            mask = int(fields.get("mask", "0"), 16)
+            if "ino" in fields:  # an inode mark's line names its filesystem (sdev:) too
+                inodes += 1
+            elif "mnt_id" in fields:
+                mounts[int(fields["mnt_id"], 16)] = mask
+            elif "sdev" in fields:
+                devs[kernel_dev(int(fields["sdev"], 16))] = mask
+        except ValueError:
+            continue
+    return GroupMarks(devs, mounts, inodes)
 
 
 def parse_events(buf: bytes) -> Tuple[List[Event], str]:
@@ -197,17 +227,32 @@ def notification_batches(group_fd: int, stop: threading.Event, wait_s: float = 0
                          ) -> Iterator[Tuple[List[Event], str]]:
     """Batches of events from a non-blocking notification group until ``stop`` is set or
     the group is closed; each as ``parse_events`` returns it (the caller closes every fd).
-    ``on_turn`` is called at every wait, idle or not (a heartbeat)."""
+    ``on_turn`` is called at every wait, idle or not (a heartbeat). A failed read (EMFILE,
+    ENOMEM: the kernel drops the notification it could not hand over) comes back as an
+    empty batch with the error text, and the next read waits a moment: never a dead loop."""
+    poller = select.poll()
+    poller.register(group_fd, select.POLLIN)
     while not stop.is_set():
         if on_turn is not None:
             on_turn()
-        ready, _, _ = select.select([group_fd], [], [], wait_s)
+        try:
+            ready = poller.poll(int(wait_s * 1000))
+        except OSError as exc:  # EINVAL: RLIMIT_NOFILE lowered below 1; ENOMEM
+            yield [], f"poll: {errno_name(exc.errno)}"
+            stop.wait(min(wait_s, 0.05))
+            ready = [(group_fd, select.POLLIN)]  # non-blocking: just try the read
+        if any(ev & select.POLLNVAL for _, ev in ready):
+            return  # the group was closed
         if not ready:
             continue
         try:
             data = os.read(group_fd, 64 * 1024)
         except BlockingIOError:
             continue
-        except OSError:
-            return
+        except OSError as exc:
+            if exc.errno == errno.EBADF:
+                return
+            yield [], f"read: {errno_name(exc.errno)}"
+            stop.wait(min(wait_s, 0.05))
+            continue
         yield parse_events(data)

@@ -3,11 +3,15 @@
 out a permission event.
 
 The responder's event loop writes one byte to a pipe per iteration (at least every
-deadline/4, even when idle). If nothing arrives for ``stall_s`` while the responder is
-stopped, or for 4 x ``stall_s`` + 1 s while it runs, the watchdog SIGKILLs it: the kernel
-then releases its fanotify group and allows every pending event (fail-open), and systemd
-(Restart=) brings the agent back. EOF on the pipe, or the responder's exit, ends the
-watchdog quietly.
+deadline/4, even when idle) and, inside a long batch of events, after each event (at most
+every 10 ms): it beats while it makes progress, however slowly its decide workers go (the
+loop never waits for them: late decisions get the on_timeout answer). If nothing arrives for
+``stall_s`` while the responder is stopped, or for 4 x ``stall_s`` + 1 s while it runs, the
+loop is stuck (a deadlock, a frozen thread, a call that never returns) and the watchdog
+SIGKILLs it: the kernel then releases its fanotify group and allows every pending event
+(fail-open), and systemd (Restart=) brings the agent back. A loop that is merely slow, or
+that cannot read events for want of fds (the kernel denies those), keeps beating and is
+never killed. EOF on the pipe, or the responder's exit, ends the watchdog quietly.
 
 It runs in its own session, so a terminal's Ctrl-Z (SIGTSTP to the foreground process
 group) stops the agent but not its watchdog. Run it as
@@ -65,7 +69,12 @@ def watch(target_pid: int, hb_fd: int, stall_s: float) -> int:
         for fd, _ in ready:
             if fd == pidfd:
                 return EXIT_CLEAN
-            if not os.read(hb_fd, 4096):
+            try:
+                beats = os.read(hb_fd, 4096)
+            except OSError:
+                time.sleep(0.05)  # ENOMEM and the like: not a beat, and no reason to exit
+                continue
+            if not beats:
                 return EXIT_CLEAN  # EOF: every write end is closed
             last = time.monotonic()
 

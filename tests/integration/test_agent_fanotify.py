@@ -57,7 +57,8 @@ def test_enforce_allows_signed_denies_unsigned_and_tampered(tmp_path: Path,
             report = run_tool("aureport", "--anomaly", "-if", auditd.log_file)
             assert "ANOM_EXEC" in report and os.path.realpath(sys.executable) in report
 
-            # tampered after it was verified (and ignore-marked): asked again, denied
+            # tampered after it was verified (and ignore-marked: the open for write took the
+            # mark off first): asked again, denied
             with open(signed, "ab") as fh:
                 fh.write(b"\0")
             assert exec_file(signed).returncode == 126
@@ -78,7 +79,11 @@ def test_enforce_allows_signed_denies_unsigned_and_tampered(tmp_path: Path,
             first = exec_file(fresh_dir / "app")
             assert first.returncode == 0 and first.stdout == "app\n"
             rec = agent.wait_decision(str(fresh_dir / "app"))[0]
-            assert rec["decision"] == "allow" and rec["source"] == "cache"  # pre-warmed
+            # pre-warmed, but on a tmpfs a stamp does not prove the bytes (a write through
+            # a mapping keeps it): the exec is answered from the runner's memo when the
+            # file had settled when it was pre-warmed, else decided from its bytes again
+            # (docs/fanotify.md, "Ignore marks, and writes through a mapping")
+            assert rec["decision"] == "allow" and rec["source"] in ("cache", "verify")
 
             # outside the scope nothing is asked
             assert exec_file(Path("/bin/true")).returncode == 0

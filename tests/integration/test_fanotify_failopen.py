@@ -65,6 +65,34 @@ def test_sigstop_watchdog_kills_the_responder_within_the_deadline() -> None:
             assert r.proc.exitcode == -signal.SIGKILL
 
 
+def test_a_stopped_responder_with_a_second_group_is_killed_and_the_exec_goes() -> None:
+    """The agent holds a second fanotify group (the pre-warm's close-after-write watch on
+    the scope's mount). While an exec waits, the kernel pins the current mark of every
+    connector it walked; had that been the second group's mount mark, its release at the
+    watchdog's SIGKILL (last-opened-first) would wait for the exec, the exec for the
+    permission group, released after it: the exec would wait for ever (seen: 8 minutes,
+    until killed). The permission group marks each mount too, so only its marks are
+    pinned (agent/sensors/fanotify_marks.py)."""
+    deadline = 1.0
+    with own_tmpfs() as mnt:
+        bad = install(mnt, "bad")
+        cfg = {"plan": {"bad": "deny"}, "deadline_s": deadline, "watchdog_stall_s": deadline,
+               "close_write_group": True}
+        with responder(mnt, probe_limit_s=deadline + 6.0, **cfg) as r:
+            assert r.ready_stats["marked_mounts"] == 1
+            os.kill(r.pid, signal.SIGSTOP)
+            t0 = time.monotonic()
+            waiting = subprocess.Popen(["/bin/sh", "-c", 'exec "$0"', bad])
+            try:
+                assert waiting.wait(15) == 0  # the watchdog killed it, the kernel allowed
+            finally:
+                waiting.kill()  # a stuck exec waits killably: this frees the group
+                waiting.wait()
+            assert time.monotonic() - t0 < deadline + 4.0
+            r.proc.join(10)
+            assert r.proc.exitcode == -signal.SIGKILL
+
+
 def test_watchdog_exits_quietly_on_a_clean_stop() -> None:
     with own_tmpfs() as mnt:
         ok = install(mnt, "ok")

@@ -89,3 +89,26 @@ def test_parse_events_rejects_what_the_kernel_never_sends() -> None:
     assert len(events) == 1 and "ends inside an event" in err
     events, err = fs.parse_events(struct.pack("=IBBHQii", 0, 3, 0, 24, 0, 1, 1))
     assert events == [] and "length 0" in err  # a zero length would loop forever
+
+
+def test_group_marks_tells_filesystem_mount_and_inode_marks_apart(tmp_path: Path) -> None:
+    """An inode mark's fdinfo line names its filesystem too (sdev:): it must not read as a
+    filesystem mark (FsMarks would lose the filesystem's real mask)."""
+    target = tmp_path / "f"
+    target.write_bytes(b"x")
+    group = fs.fanotify_init(fs.FAN_CLOEXEC | fs.FAN_NONBLOCK, fs.EVENT_F_FLAGS)
+    fd = os.open(str(tmp_path), os.O_PATH)
+    try:
+        notify_exec = 0x00001000  # FAN_OPEN_EXEC: a notification, nothing ever waits
+        fs.mark_through_fd(group, fs.FAN_MARK_ADD | fs.FAN_MARK_MOUNT, notify_exec, fd)
+        fs.fanotify_mark(group, fs.FAN_MARK_ADD, notify_exec, fs.AT_FDCWD, str(target))
+        got = fs.group_marks(group)
+        assert got.filesystems == {} and got.inodes == 1
+        assert list(got.mounts.values()) == [notify_exec]
+        fs.mark_through_fd(group, fs.FAN_MARK_ADD | fs.FAN_MARK_FILESYSTEM, notify_exec, fd)
+        got = fs.group_marks(group)
+        assert got.filesystems == {os.stat(tmp_path).st_dev: notify_exec}
+        assert got.inodes == 1 and len(got.mounts) == 1
+    finally:
+        os.close(fd)
+        os.close(group)
