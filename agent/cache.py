@@ -49,7 +49,7 @@ def default_path(state_dir: str) -> str:
 
 def identity_from_stat(st: os.stat_result) -> FileIdentity:
     """The identity of an fstat() result (take it from the fd that is exec'd or hashed)."""
-    return FileIdentity(st.st_dev, st.st_ino, st.st_ctime_ns, st.st_size)
+    return FileIdentity(st.st_dev, st.st_ino, st.st_ctime_ns, st.st_size, st.st_mtime_ns)
 
 
 @dataclass(frozen=True)

@@ -33,12 +33,17 @@ class Source(str, Enum):
 
 @dataclass(frozen=True)
 class FileIdentity:
-    """(dev, ino) plus the change stamp: a file changed after verification is unknown again."""
+    """(dev, ino) plus the change stamp: a file changed after verification is unknown again.
+
+    ``mtime_ns`` rides along where the identity came from fstat() (0 where a kernel record
+    made it) and is not part of equality: the BPF LSM map compares it only after a rename
+    or a link moved the ctime but not the bytes."""
 
     dev: int
     ino: int
     ctime_ns: int
     size: int
+    mtime_ns: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,9 @@ class ExecEvent:
     backend: str  # sensor that produced it: bpf-lsm | fanotify-exec | kill | ...
     exe: Optional[str] = None  # the exec'ing process's executable before the exec, if known
     gid: Optional[int] = None
+    # the path the policy's path rules see, when not ``path``: a path only another mount
+    # namespace gives the file (agent/scope Placement.judged_path) matches no path glob
+    rules_path: Optional[str] = None
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ class PrewarmStats:
     errors: int = 0
     close_write_events: int = 0
     scan_done: bool = False
+    scan_complete: bool = False  # the scan saw every file (no file limit reached)
 
     def to_json(self) -> dict:  # type: ignore[type-arg]
         return dict(self.__dict__)
@@ -86,9 +87,12 @@ class Prewarmer:
     with the policy snapshot the verdict was decided under."""
 
     def __init__(self, decider: Decider, on_result: Optional[OnResult] = None,
-                 max_files: int = 20000, skip: Sequence[str] = ()) -> None:
+                 max_files: int = 20000, skip: Sequence[str] = (),
+                 on_scan_done: Optional[Callable[[PolicySnapshot, bool], None]] = None
+                 ) -> None:
         self.decider = decider
         self.on_result = on_result
+        self.on_scan_done = on_scan_done  # (policy scanned under, every file seen)
         self.max_files = max_files
         self.skip = list(skip) + pseudo_mounts()
         self.stats = PrewarmStats()
@@ -96,8 +100,10 @@ class Prewarmer:
         self._threads: List[threading.Thread] = []
         self._group = -1
 
-    def warm_fd(self, path: str, fd: int) -> Optional[bool]:
-        """Decide ``path`` (open as ``fd``) as an exec by its owner would be; None if skipped."""
+    def warm_fd(self, path: str, fd: int, fresh: bool = False) -> Optional[bool]:
+        """Decide ``path`` (open as ``fd``) as an exec by its owner would be; None if skipped.
+        ``fresh`` (a close-after-write): trust no cache keyed by the file's identity, since
+        a write through a shared mapping can change the bytes and keep the stamp."""
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_size < 64 or os.pread(fd, 4, 0) != ELF_MAGIC:
             self.stats.skipped += 1
@@ -109,18 +115,20 @@ class Prewarmer:
         artifact = Artifact(path, fd, st.st_size, st.st_dev, st.st_ino, st.st_ctime_ns,
                             st.st_mtime_ns)
         # a denial is not cached here: the binary is often deployed before its signature
-        outcome = decide(snapshot, subject_of(artifact, st.st_uid, path, st.st_gid),
+        outcome = decide(snapshot, subject_of(artifact, st.st_uid, path, st.st_gid,
+                                              fresh=fresh),
                          lambda trust: self.decider.verify_into_cache(
-                             artifact, trust, snapshot, cache_negative=False)[0])
+                             artifact, trust, snapshot, cache_negative=False,
+                             use_cache=not fresh)[0])
         self.stats.verified += 1
         # a monitor rule's denial in an enforce policy does not block: let the kernel
         # verdict maps allow it too
         runs = outcome.allow or (outcome.mode is Mode.MONITOR and snapshot.mode is Mode.ENFORCE)
-        # Only allows go to the kernel maps. A denial adds nothing there (enforce denies an
-        # unknown file anyway, and fanotify decides it at its exec), and it is often stale:
-        # decided at the binary's close-write, before its signature was written, it could
-        # land after the exec's own fill had allowed the signed file, and stick.
-        if self.on_result is not None and runs:
+        # A denial goes to the kernel maps too, for mappings (which no fill decides at the
+        # moment they happen), but only where no verdict is yet: decided at the binary's
+        # close-write, before its signature was written, it must never land over the allow
+        # the exec's own fill wrote meanwhile (the runner inserts it, never overwrites).
+        if self.on_result is not None:
             # the snapshot goes along: a policy swap during this (slow) decision must not
             # let the old policy's verdict into the map the swap has just emptied
             self.on_result(path, identity_from_stat(st), runs, snapshot)
@@ -151,12 +159,23 @@ class Prewarmer:
 
     def scan(self, roots: Sequence[str]) -> None:
         _lower_priority()
+        snapshot = self.decider.store.current.snapshot
+        seen = 0
         for path in walk_elf_candidates(roots, self.skip, self.max_files):
             if self._stop.is_set():
                 return
+            seen += 1
             self.stats.scanned += 1
             self.warm_path(path)
+        self.stats.scan_complete = seen < self.max_files
         self.stats.scan_done = True
+        if self.on_scan_done is not None:
+            self.on_scan_done(snapshot, self.stats.scan_complete)
+
+    def rescan(self, roots: Sequence[str]) -> None:
+        """Scan again (a new policy: the kernel maps were emptied)."""
+        self.stats.scan_done = self.stats.scan_complete = False
+        self._spawn(lambda: self.scan(roots), "prewarm-rescan")
 
     def start(self, roots: Sequence[str], watch: bool = True) -> None:
         """Scan ``roots`` in the background and, with ``watch``, follow close-after-write."""
@@ -176,7 +195,9 @@ class Prewarmer:
 
     def _watch(self) -> None:
         _lower_priority()
-        for events, _problem in fs.notification_batches(self._group, self._stop):
+        for events, problem in fs.notification_batches(self._group, self._stop):
+            if problem:  # a read failed (EMFILE...): that close-write is lost, not the watch
+                self.stats.errors += 1
             for ev in events:
                 if ev.fd < 0:
                     continue
@@ -185,7 +206,7 @@ class Prewarmer:
                     path = os.readlink(f"/proc/self/fd/{ev.fd}")
                     binary = signed_file(path)
                     if binary is None:
-                        self.warm_fd(path, ev.fd)
+                        self.warm_fd(path, ev.fd, fresh=True)
                     else:
                         self.signature_changed(binary)
                 except (OSError, ExecguardError):

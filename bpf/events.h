@@ -13,8 +13,13 @@
 #define EG_PATH_LEN 256 /* bytes of the exec path kept, NUL included */
 #endif
 
+/* What a record reports. All share struct eg_exec_event; `aux` says more per kind. */
 enum eg_msg_op {
-	EG_MSG_EXEC = 1, /* struct eg_exec_event */
+	EG_MSG_EXEC = 1,     /* an exec (bprm_check, or sched_process_exec for kill) */
+	EG_MSG_MMAP = 2,     /* a file mapped with PROT_EXEC; aux = prot */
+	EG_MSG_MPROTECT = 3, /* PROT_EXEC added to a file mapping; aux = prot */
+	EG_MSG_MOUNT = 4,    /* a mount onto a path in scope was refused; aux = mount flags */
+	EG_MSG_PTRACE = 5,   /* a ptrace attach to a program in scope was refused; aux = target tgid */
 };
 
 /* What the kernel knew about the file when it ran (verdict map lookup). */
@@ -33,16 +38,22 @@ enum eg_action {
 };
 
 /* eg_exec_event.flags */
-#define EG_F_IN_SCOPE 0x01  /* the file's device is in scope_devs */
+#define EG_F_IN_SCOPE 0x01  /* the file is in scope (see docs/threat-model.md, "Scope") */
 #define EG_F_DENIED 0x02    /* the policy in the kernel denies it (deny verdict, or unknown while enforcing) */
 #define EG_F_READ_ERR 0x04  /* a kernel read failed: identity fields may be 0 */
+#define EG_F_EPERM 0x08     /* the hook returned -EPERM (bpf-lsm, fmod-ret) */
+#define EG_F_LOADER 0x10    /* the file is a dynamic loader, run as a program */
+#define EG_F_PATHLESS 0x20  /* the file has no name (memfd, O_TMPFILE, deleted): nlink 0 */
+#define EG_F_FRESH 0x40     /* written since the agent started, on a filesystem that appeared
+			     * since, or pathless: never given the benefit of the doubt */
+#define EG_F_WRITERS 0x80   /* open for write (a writable shared mapping included) right now */
 
 struct eg_exec_event {
-	__u8 op;      /* EG_MSG_EXEC */
+	__u8 op;      /* enum eg_msg_op */
 	__u8 state;   /* enum eg_state */
 	__u8 action;  /* enum eg_action */
 	__u8 flags;   /* EG_F_* */
-	__s32 kill_err;
+	__s32 kill_err; /* kill: bpf_send_signal's error; other kinds: `aux` (see eg_msg_op) */
 	__u32 pid;    /* tgid of the exec'ing process */
 	__u32 ppid;   /* tgid of its real parent */
 	__u32 uid;    /* real uid: low half of bpf_get_current_uid_gid() */
@@ -69,10 +80,17 @@ struct eg_file_key {
 #define EG_VERDICT_ALLOW 1
 #define EG_VERDICT_DENY 2
 
+/* eg_verdict.flags */
+#define EG_VF_MOVED 0x01 /* renamed or linked since it was verified (bpf-lsm, fmod-ret): the
+			  * ctime moved with the name, so (mtime, size) stand for the bytes */
+
 struct eg_verdict {
 	__u64 ctime_ns;
 	__u64 size;
 	__u32 verdict; /* EG_VERDICT_* */
+	__u32 epoch;   /* the rename epoch it was written in (bpf-lsm, fmod-ret) */
+	__u64 mtime_ns;
+	__u32 flags;   /* EG_VF_* */
 	__u32 _pad;
 };
 

@@ -1,7 +1,16 @@
-/* execguard: the kernel-side exec verdict shared by the BPF LSM backend (exec_lsm.c) and the
- * fmod_ret backend (exec_fmod_ret.c): the maps, the lookup by (dev, ino) with the change
- * stamp (ctime ns, size), the enforce/monitor decision, the ring record, and the
- * invalidation helper. One copy, so both backends judge an exec the same way.
+/* execguard: the kernel side of the exec boundary, shared by the BPF LSM backend (exec_lsm.c)
+ * and the fmod_ret backend (exec_fmod_ret.c). One copy, so both judge the same way:
+ *
+ *   where   is a file in scope? (eg_place: its filesystem's class, the directories above it)
+ *   what    is its verdict?     (eg_state_of: the verdict map, the change stamp, writers)
+ *   judge   an exec             (eg_judge_exec: deny unknown and denied files in scope,
+ *                                and a dynamic loader run as a program)
+ *           a mapping           (eg_judge_map: PROT_EXEC of a file in scope, by mmap or
+ *                                mprotect, is an exec without execve)
+ *   guard   mounts onto scope paths, ptrace of programs in scope
+ *   forget  verdicts when the bytes may change (open for write, truncate, setattr) and,
+ *           under path rules, when a name changes (rename, link)
+ * docs/threat-model.md states what each of these closes and what it cannot see.
  *
  * Lockdown=confidentiality forbids bpf_probe_read_kernel*, so nothing here uses it: every
  * kernel read is a BTF-typed direct load (PTR_TO_BTF_ID plus a constant offset, which the
@@ -12,8 +21,11 @@
  * The including program chooses how the exec's path reaches the record:
  *   EG_PATH_D_PATH defined: bpf_d_path(&bprm->file->f_path) in the verdict hook itself (an
  *     LSM program on bprm_check_security, a hook bpf_d_path is allowed in);
- *   otherwise: eg_note_exec_path() from a hook where bpf_d_path is allowed (security_file_open
+ *   otherwise: eg_note_open() from a hook where bpf_d_path is allowed (security_file_open
  *     of the exec's own open, __FMODE_EXEC, before bprm_check) parks it per thread.
+ * Mappings take their path the same way for files that are denied on sight (eg_note_open
+ * parks it per file when the file is fresh); others are named by user space from
+ * /proc/PID/map_files.
  */
 #ifndef EXECGUARD_EXEC_VERDICT_H
 #define EXECGUARD_EXEC_VERDICT_H
@@ -29,8 +41,14 @@
 #ifndef EG_SCOPE_MAX
 #define EG_SCOPE_MAX 64
 #endif
+#ifndef EG_SB_MAX
+#define EG_SB_MAX 4096 /* filesystems with a class */
+#endif
 #ifndef EG_PATH_SLOTS
 #define EG_PATH_SLOTS 1024 /* threads between their exec open and bprm_check at once */
+#endif
+#ifndef EG_WALK_MAX
+#define EG_WALK_MAX 40 /* directory levels walked up from a file in a PARTIAL filesystem */
 #endif
 #ifndef EG_OFF_BPRM_FILE
 #error "EG_OFF_* offsets must come from the kernel's BTF (agent/sensors/bpf_lsm.py)"
@@ -39,11 +57,36 @@
 #define EG_EPERM 1
 #define EG_FMODE_WRITE 0x2
 #define EG_O_FMODE_EXEC 0x20 /* __FMODE_EXEC in file->f_flags: the open of an exec */
+#define EG_PROT_READ 0x1
+#define EG_PROT_EXEC 0x4
+#define EG_READ_IMPLIES_EXEC 0x0400000 /* personality(2) flag */
+#define EG_VM_EXEC 0x4
+#define EG_S_IFMT 0170000
+#define EG_S_IFDIR 0040000
+#define EG_MS_REMOUNT 32
+#define EG_MS_BIND 4096
+#define EG_MS_MOVE 8192
+#define EG_MS_PROPAGATION ((1 << 16) | (1 << 17) | (1 << 19) | (1 << 20)) /* UNBINDABLE..SHARED */
+#define EG_PTRACE_MODE_ATTACH 0x02
+
 /* eg_config.flags for these programs (the kill bit of exec_sensor.c means "enforce" here) */
 #define EG_LSM_CFG_ENFORCE 0x01      /* return -EPERM for deny verdicts in scope */
 #define EG_LSM_CFG_DENY_UNKNOWN 0x02 /* and for unknown or stale files in scope */
-/* eg_exec_event.flags bit set only by these programs: the hook returned -EPERM */
-#define EG_F_EPERM 0x08
+#define EG_LSM_CFG_LOADER 0x04       /* a dynamic loader run as a program is denied */
+#define EG_LSM_CFG_MAPS 0x08         /* judge PROT_EXEC mappings of files in scope */
+#define EG_LSM_CFG_PATHS 0x10        /* verdicts depend on paths: a rename or link drops them */
+#define EG_LSM_CFG_MOUNTS 0x20       /* refuse mounts onto paths in scope */
+#define EG_LSM_CFG_PTRACE 0x40       /* refuse ptrace attach to programs in scope */
+#define EG_LSM_CFG_UNSEEN_OUT 0x80   /* filesystems without a class are out of scope (weaker) */
+#define EG_LSM_CFG_STRICT_MAPS 0x100 /* the pre-scan verified the whole scope: a mapping of a
+				      * file without a verdict is denied, untouched or not */
+
+/* sb_class values: the class in the low byte (agent/scope/classify.py FsClass) */
+#define EG_SB_OUT 1
+#define EG_SB_IN 2
+#define EG_SB_PARTIAL 3
+#define EG_SB_CLASS_MASK 0xff
+#define EG_SB_DYNAMIC 0x100 /* appeared after the agent started: its files are all fresh */
 
 /* stats[] indexes */
 #define EG_LSM_STAT_EXECS 0
@@ -51,34 +94,54 @@
 #define EG_LSM_STAT_DENIED 2
 #define EG_LSM_STAT_INVALIDATED 3
 #define EG_LSM_STAT_IN_SCOPE 4
-#define EG_LSM_STAT_N 5
+#define EG_LSM_STAT_MAPS 5          /* PROT_EXEC mappings of files in scope judged */
+#define EG_LSM_STAT_MAPS_DENIED 6
+#define EG_LSM_STAT_LOADER_DENIED 7
+#define EG_LSM_STAT_MOUNTS_REFUSED 8
+#define EG_LSM_STAT_PTRACE_REFUSED 9
+#define EG_LSM_STAT_EPOCHS 10       /* directory renames under path rules */
+#define EG_LSM_STAT_N 11
 
 struct linux_binprm;
 struct file;
 struct path;
 struct dentry;
+struct inode;
 struct iattr;
 struct mnt_idmap;
 struct user_namespace;
+struct vm_area_struct;
+struct task_struct;
+
+/* Run-time state: the epoch the programs move, the start time user space sets. */
+struct eg_runtime {
+	__u32 epoch;          /* +1 per directory rename while verdicts depend on paths */
+	__u32 _pad;
+	__u64 fresh_after_ns; /* CLOCK_REALTIME when the agent started: a ctime at or after it
+			       * means the file was written, created, renamed or chmod'ed since */
+};
 
 BPF_RINGBUF_OUTPUT(events, EG_RINGBUF_PAGES);
 BPF_HASH(verdicts, struct eg_file_key, struct eg_verdict, EG_VERDICT_MAX);
-BPF_HASH(scope_devs, __u32, __u32, EG_SCOPE_MAX); /* kernel-encoded dev -> 1 */
+BPF_HASH(sb_class, __u32, __u32, EG_SB_MAX);                  /* kernel dev -> EG_SB_* */
+BPF_HASH(scope_dirs, struct eg_file_key, __u32, EG_SCOPE_MAX); /* scope roots in PARTIAL fs */
+BPF_HASH(loaders, struct eg_file_key, __u32, 64);              /* ld.so and friends */
+BPF_HASH(exempt, __u32, __u32, 64);                            /* the agent's tgid */
 BPF_ARRAY(config, struct eg_config, 1);
+BPF_ARRAY(runtime, struct eg_runtime, 1);
 BPF_PERCPU_ARRAY(stats, __u64, EG_LSM_STAT_N);
 
-#ifndef EG_PATH_D_PATH
-/* The path of a thread's pending exec, from its FMODE_EXEC open (LRU: an exec that fails
- * between the open and bprm_check leaves an entry that ages out). */
-struct eg_exec_path {
+/* A path parked for a record that a later hook sends: per thread for an exec (from its
+ * FMODE_EXEC open), per file for a fresh file opened before it is mapped. */
+struct eg_parked_path {
 	__u64 ino;
 	__u32 dev;
 	__u32 _pad;
 	char path[EG_PATH_LEN];
 };
-BPF_TABLE("lru_hash", __u64, struct eg_exec_path, exec_paths, EG_PATH_SLOTS);
-BPF_PERCPU_ARRAY(path_scratch, struct eg_exec_path, 1); /* too big for the stack */
-#endif
+BPF_TABLE("lru_hash", __u64, struct eg_parked_path, exec_paths, EG_PATH_SLOTS);
+BPF_TABLE("lru_hash", struct eg_file_key, struct eg_parked_path, open_paths, EG_PATH_SLOTS);
+BPF_PERCPU_ARRAY(path_scratch, struct eg_parked_path, 1); /* too big for the stack */
 
 /* A typed direct load of base + off: stays a BTF load because every caller is static. */
 #define EG_LOAD(type, base, off) (*(type *)((const char *)(base) + (off)))
@@ -90,9 +153,21 @@ static __always_inline void eg_count(int idx)
 		*v += 1;
 }
 
+static __always_inline __u32 eg_cfg(void)
+{
+	int zero = 0;
+	struct eg_config *cfg = config.lookup(&zero);
+	return cfg ? cfg->flags : 0;
+}
+
 static __always_inline const void *eg_file_inode(const void *file)
 {
 	return file ? EG_LOAD(const void *, file, EG_OFF_FILE_INODE) : 0;
+}
+
+static __always_inline const void *eg_file_dentry(const void *file)
+{
+	return file ? EG_LOAD(const void *, file, EG_OFF_FILE_PATH + EG_OFF_PATH_DENTRY) : 0;
 }
 
 static __always_inline const void *eg_dentry_inode(const void *dentry)
@@ -114,11 +189,170 @@ static __always_inline int eg_inode_key(const void *inode, struct eg_file_key *k
 	return 1;
 }
 
+static __always_inline int eg_exempt(void)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	return exempt.lookup(&tgid) != 0;
+}
+
+/* The agent, or a process it started (its helpers: mount, auditctl): one level is enough,
+ * the agent starts nothing that starts more. */
+static __always_inline int eg_exempt_or_child(void)
+{
+	if (eg_exempt())
+		return 1;
+	const void *task = bpf_get_current_task_btf();
+	const void *parent = EG_LOAD(const void *, task, EG_OFF_TASK_REAL_PARENT);
+	if (!parent)
+		return 0;
+	__u32 ptgid = EG_LOAD(__u32, parent, EG_OFF_TASK_TGID);
+	return exempt.lookup(&ptgid) != 0;
+}
+
+/* ------------------------------------------------------------------------------- where */
+
+/* Where a file stands, for the judge and the record. */
+struct eg_where {
+	struct eg_file_key key;
+	__u32 in_scope;
+	__u32 flags; /* EG_F_PATHLESS, EG_F_FRESH */
+};
+
+/* Is the file at dentry (of inode) in scope? A file with no name is, a filesystem without a
+ * class is (unless configured otherwise), a PARTIAL filesystem's file is when a directory
+ * above it within that filesystem is a scope root: the walk follows d_parent, not mounts,
+ * so a bind mount, another mount namespace or a chroot shows the same ancestors. A walk
+ * that ends away from the filesystem's root (a disconnected dentry) or runs out of levels
+ * counts as in scope. */
+static __always_inline int eg_place(const void *dentry, const void *inode, struct eg_where *w)
+{
+	w->in_scope = 0;
+	w->flags = 0;
+	if (!eg_inode_key(inode, &w->key)) {
+		w->in_scope = 1; /* no identity: nothing proves it is outside */
+		return 1;
+	}
+	if (EG_LOAD(__u32, inode, EG_OFF_INODE_NLINK) == 0) {
+		w->flags |= EG_F_PATHLESS | EG_F_FRESH;
+		w->in_scope = 1;
+		return 1;
+	}
+	__u32 dev = w->key.dev;
+	__u32 *cls = sb_class.lookup(&dev);
+	if (!cls) {
+		w->flags |= EG_F_FRESH;
+		w->in_scope = !(eg_cfg() & EG_LSM_CFG_UNSEEN_OUT);
+		return w->in_scope;
+	}
+	__u32 c = *cls;
+	if (c & EG_SB_DYNAMIC)
+		w->flags |= EG_F_FRESH;
+	c &= EG_SB_CLASS_MASK;
+	if (c == EG_SB_OUT)
+		return 0;
+	if (c != EG_SB_PARTIAL || !dentry) {
+		w->in_scope = 1;
+		return 1;
+	}
+	const void *sb = EG_LOAD(const void *, inode, EG_OFF_INODE_SB);
+	const void *sroot = EG_LOAD(const void *, sb, EG_OFF_SB_ROOT);
+	const void *d = dentry;
+	for (int i = 0; i < EG_WALK_MAX; i++) {
+		const void *di = EG_LOAD(const void *, d, EG_OFF_DENTRY_INODE);
+		if (di) {
+			struct eg_file_key k = {};
+			k.ino = EG_LOAD(__u64, di, EG_OFF_INODE_INO);
+			k.dev = dev;
+			if (scope_dirs.lookup(&k)) {
+				w->in_scope = 1;
+				return 1;
+			}
+		}
+		const void *p = EG_LOAD(const void *, d, EG_OFF_DENTRY_PARENT);
+		if (!p || p == d) {
+			w->in_scope = d != sroot; /* the top of a disconnected tree: fail closed */
+			return w->in_scope;
+		}
+		d = p;
+	}
+	w->in_scope = 1; /* deeper than we walk: fail closed */
+	return 1;
+}
+
+/* ------------------------------------------------------------------------------- what */
+
+static __always_inline __u64 eg_ctime(const void *inode)
+{
+	__u64 sec = EG_LOAD(__u64, inode, EG_OFF_INODE_CTIME_SEC);
+#if EG_SZ_INODE_CTIME_NSEC == 8
+	__u64 nsec = EG_LOAD(__u64, inode, EG_OFF_INODE_CTIME_NSEC);
+#else
+	/* 6.13+ multigrain timestamps keep a "queried" flag in bit 31 (I_CTIME_QUERIED) */
+	__u64 nsec = EG_LOAD(__u32, inode, EG_OFF_INODE_CTIME_NSEC) & ~(1U << 31);
+#endif
+	return sec * 1000000000ULL + nsec;
+}
+
+static __always_inline __u64 eg_mtime(const void *inode)
+{
+	__u64 sec = EG_LOAD(__u64, inode, EG_OFF_INODE_MTIME_SEC);
+#if EG_SZ_INODE_MTIME_NSEC == 8
+	__u64 nsec = EG_LOAD(__u64, inode, EG_OFF_INODE_MTIME_NSEC);
+#else
+	__u64 nsec = EG_LOAD(__u32, inode, EG_OFF_INODE_MTIME_NSEC);
+#endif
+	return sec * 1000000000ULL + nsec;
+}
+
+static __always_inline __u32 eg_epoch(void)
+{
+	int zero = 0;
+	struct eg_runtime *rt = runtime.lookup(&zero);
+	return rt ? rt->epoch : 0;
+}
+
+/* The verdict map's word on this version of the file. A verdict written in another rename
+ * epoch, or whose stamp moved, is stale: unknown again. After a rename or a link (which
+ * move the ctime, not the bytes) the entry is marked and (mtime, size) stand instead:
+ * every write that could keep the mtime (an open for write, a truncate, a setattr) drops
+ * the entry outright. */
+static __always_inline __u8 eg_state_of(const void *inode, struct eg_file_key *key,
+					__u64 ctime_ns, __u64 size)
+{
+	struct eg_verdict *v = verdicts.lookup(key);
+	if (!v)
+		return EG_STATE_UNKNOWN;
+	if (v->epoch != eg_epoch() || v->size != size)
+		return EG_STATE_STALE;
+	if (v->ctime_ns != ctime_ns &&
+	    !((v->flags & EG_VF_MOVED) && v->mtime_ns == eg_mtime(inode)))
+		return EG_STATE_STALE;
+	return v->verdict == EG_VERDICT_ALLOW ? EG_STATE_ALLOW : EG_STATE_DENY;
+}
+
+/* Changed since the agent started (created, written, renamed, chmod'ed: every one of them
+ * sets the ctime, which no system call sets back): such a file is never given the benefit
+ * of the doubt at a mapping. A file changed while no agent ran looks untouched. */
+static __always_inline int eg_changed_since_start(__u64 ctime_ns)
+{
+	int zero = 0;
+	struct eg_runtime *rt = runtime.lookup(&zero);
+	return !rt || ctime_ns >= rt->fresh_after_ns;
+}
+
+/* ------------------------------------------------------------------------------- forget */
+
+static __always_inline void eg_forget_key(struct eg_file_key *key)
+{
+	if (verdicts.delete(key) == 0)
+		eg_count(EG_LSM_STAT_INVALIDATED);
+}
+
 static __always_inline void eg_forget_inode(const void *inode)
 {
 	struct eg_file_key key = {};
-	if (eg_inode_key(inode, &key) && verdicts.delete(&key) == 0)
-		eg_count(EG_LSM_STAT_INVALIDATED);
+	if (eg_inode_key(inode, &key))
+		eg_forget_key(&key);
 }
 
 /* A file opened for write may change: its verdict goes (an open for read costs one test). */
@@ -129,114 +363,66 @@ static __always_inline void eg_forget_if_write(const void *file)
 		eg_forget_inode(eg_file_inode(file));
 }
 
-#ifndef EG_PATH_D_PATH
-/* From security_file_open: park the path of an exec open of a file in scope for this thread's
- * bprm_check, which cannot call bpf_d_path itself. */
-static __always_inline void eg_note_exec_path(const void *file)
+/* A name changed. Under path rules the verdict (or, for a directory, every verdict: the
+ * files below keep their ctime) no longer holds; otherwise the bytes are the same and the
+ * verdict follows the file, its ctime no longer compared. */
+static __always_inline void eg_renamed(const void *dentry)
 {
-	struct eg_file_key key = {};
-	int zero = 0;
-	/* f_flags, not f_mode: do_dentry_open() keeps only the access bits of the open flags in
-	 * f_mode, so an exec open is told by __FMODE_EXEC in f_flags (as fsnotify does) */
-	__u32 oflags = EG_LOAD(__u32, file, EG_OFF_FILE_FLAGS);
-	if (!(oflags & EG_O_FMODE_EXEC) || !eg_inode_key(eg_file_inode(file), &key))
+	const void *inode = eg_dentry_inode(dentry);
+	if (!inode)
 		return;
-	__u32 dev = key.dev;
-	if (!scope_devs.lookup(&dev))
+	__u16 mode = EG_LOAD(__u16, inode, EG_OFF_INODE_MODE);
+	__u32 flags = eg_cfg();
+	if ((mode & EG_S_IFMT) == EG_S_IFDIR) {
+		if (flags & EG_LSM_CFG_PATHS) {
+			int zero = 0;
+			struct eg_runtime *rt = runtime.lookup(&zero);
+			if (rt) {
+				__sync_fetch_and_add(&rt->epoch, 1);
+				eg_count(EG_LSM_STAT_EPOCHS);
+			}
+		}
 		return;
-	struct eg_exec_path *slot = path_scratch.lookup(&zero);
-	if (!slot)
-		return;
-	slot->ino = key.ino;
-	slot->dev = key.dev;
-	slot->_pad = 0;
-	if (bpf_d_path((struct path *)((const char *)file + EG_OFF_FILE_PATH), slot->path,
-		       sizeof(slot->path)) < 0)
-		return;
-	__u64 tid = bpf_get_current_pid_tgid();
-	exec_paths.update(&tid, slot);
-}
-#endif
-
-/* The verdict for the exec of bprm's file: 0 or -EPERM, and a ring record for every exec in
- * scope. Only files on devices in scope_devs are ever denied. */
-static __always_inline int eg_judge_exec(const void *bprm)
-{
-	const void *file = EG_LOAD(const void *, bprm, EG_OFF_BPRM_FILE);
-	const void *inode = eg_file_inode(file);
-	struct eg_file_key key = {};
-	int zero = 0;
-
-	eg_count(EG_LSM_STAT_EXECS);
-	if (!eg_inode_key(inode, &key))
-		return 0; /* no identity: not ours to judge (and never deny outside the scope) */
-	__u32 dev = key.dev;
-	if (!scope_devs.lookup(&dev))
-		return 0; /* outside the scope: never denied, never reported */
-	eg_count(EG_LSM_STAT_IN_SCOPE);
-
-	__u64 size = EG_LOAD(__u64, inode, EG_OFF_INODE_SIZE);
-	__u64 sec = EG_LOAD(__u64, inode, EG_OFF_INODE_CTIME_SEC);
-#if EG_SZ_INODE_CTIME_NSEC == 8
-	__u64 nsec = EG_LOAD(__u64, inode, EG_OFF_INODE_CTIME_NSEC);
-#else
-	/* 6.13+ multigrain timestamps keep a "queried" flag in bit 31 (I_CTIME_QUERIED) */
-	__u64 nsec = EG_LOAD(__u32, inode, EG_OFF_INODE_CTIME_NSEC) & ~(1U << 31);
-#endif
-	__u64 ctime_ns = sec * 1000000000ULL + nsec;
-
-	__u8 state;
-	struct eg_verdict *v = verdicts.lookup(&key);
-	if (!v)
-		state = EG_STATE_UNKNOWN;
-	else if (v->ctime_ns != ctime_ns || v->size != size)
-		state = EG_STATE_STALE;
-	else if (v->verdict == EG_VERDICT_ALLOW)
-		state = EG_STATE_ALLOW;
-	else
-		state = EG_STATE_DENY; /* any other value fails closed */
-
-	struct eg_config *cfg = config.lookup(&zero);
-	__u32 flags = cfg ? cfg->flags : 0;
-	__u8 evflags = EG_F_IN_SCOPE;
-	if (state == EG_STATE_DENY ||
-	    (state != EG_STATE_ALLOW && (flags & EG_LSM_CFG_DENY_UNKNOWN)))
-		evflags |= EG_F_DENIED;
-	int ret = 0;
-	if ((evflags & EG_F_DENIED) && (flags & EG_LSM_CFG_ENFORCE)) {
-		evflags |= EG_F_EPERM;
-		ret = -EG_EPERM;
-		eg_count(EG_LSM_STAT_DENIED);
 	}
+	struct eg_file_key key = {};
+	if (!eg_inode_key(inode, &key))
+		return;
+	if (flags & EG_LSM_CFG_PATHS) {
+		eg_forget_key(&key);
+		return;
+	}
+	struct eg_verdict *v = verdicts.lookup(&key);
+	if (v && v->ctime_ns == eg_ctime(inode) && v->mtime_ns == eg_mtime(inode))
+		v->flags |= EG_VF_MOVED;
+}
 
-	__u64 pid_tgid = bpf_get_current_pid_tgid();
-#ifndef EG_PATH_D_PATH
-	struct eg_exec_path *parked = exec_paths.lookup(&pid_tgid);
-#endif
+/* ------------------------------------------------------------------------------- records */
+
+static __always_inline struct eg_exec_event *eg_record(__u8 op, __u8 state, __u8 flags,
+						       struct eg_file_key *key,
+						       __u64 ctime_ns, __u64 size, __s32 aux)
+{
 	struct eg_exec_event *e = events.ringbuf_reserve(sizeof(struct eg_exec_event));
 	if (!e) {
-		eg_count(EG_LSM_STAT_DROPS); /* the verdict above stands: a full ring denies nothing more */
-#ifndef EG_PATH_D_PATH
-		if (parked)
-			exec_paths.delete(&pid_tgid);
-#endif
-		return ret;
+		eg_count(EG_LSM_STAT_DROPS); /* the verdict stands: a full ring denies nothing more */
+		return 0;
 	}
 	__builtin_memset(e, 0, sizeof(*e));
-	e->op = EG_MSG_EXEC;
+	e->op = op;
 	e->state = state;
-	e->flags = evflags;
+	e->flags = flags;
+	e->kill_err = aux;
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	e->pid = pid_tgid >> 32;
 	__u64 uid_gid = bpf_get_current_uid_gid();
 	e->uid = (__u32)uid_gid;
 	e->gid = (__u32)(uid_gid >> 32);
 	e->boot_ns = bpf_ktime_get_boot_ns();
-	e->dev = key.dev;
-	e->ino = key.ino;
+	e->dev = key->dev;
+	e->ino = key->ino;
 	e->ctime_ns = ctime_ns;
 	e->size = size;
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
-
 	const void *task = bpf_get_current_task_btf();
 	const void *parent = EG_LOAD(const void *, task, EG_OFF_TASK_REAL_PARENT);
 	if (parent)
@@ -246,6 +432,117 @@ static __always_inline int eg_judge_exec(const void *bprm)
 #else
 	e->auid = 0xFFFFFFFF; /* kernel without CONFIG_AUDIT: no loginuid */
 #endif
+	return e;
+}
+
+/* Wake user space only when it has work: a file to verify or a denial to record. */
+static __always_inline void eg_send(struct eg_exec_event *e)
+{
+	if (e->state == EG_STATE_ALLOW)
+		events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+	else
+		events.ringbuf_submit(e, BPF_RB_FORCE_WAKEUP);
+}
+
+static __always_inline void eg_copy_parked(struct eg_exec_event *e, struct eg_parked_path *p)
+{
+	if (p && p->ino == e->ino && p->dev == e->dev)
+		__builtin_memcpy(e->path, p->path, sizeof(e->path));
+}
+
+/* From security_file_open (a hook bpf_d_path is allowed in): park the path of an exec's
+ * open per thread (for fmod-ret's bprm_check, which cannot call bpf_d_path), and the path
+ * of a fresh file per file (for the record of its mapping, denied on sight). */
+static __always_inline void eg_note_open(const void *file)
+{
+	int zero = 0;
+	struct eg_where w = {};
+	__u32 oflags = EG_LOAD(__u32, file, EG_OFF_FILE_FLAGS);
+	int exec_open = (oflags & EG_O_FMODE_EXEC) != 0;
+	const void *inode = eg_file_inode(file);
+	int in_scope = eg_place(eg_file_dentry(file), inode, &w);
+#ifdef EG_PATH_D_PATH
+	if (exec_open)
+		return; /* the verdict hook takes the exec's path itself */
+#endif
+	if (exec_open && !in_scope && !loaders.lookup(&w.key))
+		return;
+	if (!exec_open) {
+		__u32 mode = EG_LOAD(__u32, file, EG_OFF_FILE_MODE);
+		if (!in_scope || !inode || (mode & EG_FMODE_WRITE) || !(eg_cfg() & EG_LSM_CFG_MAPS))
+			return;
+		if (!(w.flags & EG_F_FRESH) && !eg_changed_since_start(eg_ctime(inode)))
+			return; /* not denied on sight: user space names it from /proc/PID/map_files */
+	}
+	struct eg_parked_path *slot = path_scratch.lookup(&zero);
+	if (!slot)
+		return;
+	slot->ino = w.key.ino;
+	slot->dev = w.key.dev;
+	slot->_pad = 0;
+	if (bpf_d_path((struct path *)((const char *)file + EG_OFF_FILE_PATH), slot->path,
+		       sizeof(slot->path)) < 0)
+		return;
+	if (exec_open) {
+		__u64 tid = bpf_get_current_pid_tgid();
+		exec_paths.update(&tid, slot);
+	} else {
+		open_paths.update(&w.key, slot);
+	}
+}
+
+/* ------------------------------------------------------------------------------- judge */
+
+/* The verdict for the exec of bprm's file: 0 or -EPERM, and a ring record for every exec in
+ * scope. A dynamic loader run as a program (`ld.so ./prog`, or named as a script's
+ * interpreter) is denied while the loader switch is on: the file it would load is mapped,
+ * never exec'd, and the kernel's ELF loader never passes ld.so through bprm_check when it
+ * loads it as an interpreter. */
+static __always_inline int eg_judge_exec(const void *bprm)
+{
+	const void *file = EG_LOAD(const void *, bprm, EG_OFF_BPRM_FILE);
+	const void *inode = eg_file_inode(file);
+	struct eg_where w = {};
+	__u32 flags = eg_cfg();
+
+	eg_count(EG_LSM_STAT_EXECS);
+	int in_scope = eg_place(eg_file_dentry(file), inode, &w);
+	int loader = (flags & EG_LSM_CFG_LOADER) && loaders.lookup(&w.key) && !eg_exempt_or_child();
+	if (!inode || (!in_scope && !loader))
+		return 0; /* outside the scope: never denied, never reported */
+	if (in_scope && eg_exempt_or_child())
+		return 0; /* the agent's own helpers (the fanotify fill answers them at once) */
+	eg_count(EG_LSM_STAT_IN_SCOPE);
+
+	__u64 size = EG_LOAD(__u64, inode, EG_OFF_INODE_SIZE);
+	__u64 ctime_ns = eg_ctime(inode);
+	__u8 state = eg_state_of(inode, &w.key, ctime_ns, size);
+
+	__u8 evflags = w.flags | (in_scope ? EG_F_IN_SCOPE : 0);
+	if (loader)
+		evflags |= EG_F_LOADER | EG_F_DENIED;
+	if (in_scope && (state == EG_STATE_DENY ||
+			 (state != EG_STATE_ALLOW && (flags & EG_LSM_CFG_DENY_UNKNOWN))))
+		evflags |= EG_F_DENIED;
+	int ret = 0;
+	if ((evflags & EG_F_DENIED) && (flags & EG_LSM_CFG_ENFORCE)) {
+		evflags |= EG_F_EPERM;
+		ret = -EG_EPERM;
+		eg_count(loader ? EG_LSM_STAT_LOADER_DENIED : EG_LSM_STAT_DENIED);
+	}
+
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+#ifndef EG_PATH_D_PATH
+	struct eg_parked_path *parked = exec_paths.lookup(&pid_tgid);
+#endif
+	struct eg_exec_event *e = eg_record(EG_MSG_EXEC, state, evflags, &w.key, ctime_ns, size, 0);
+	if (!e) {
+#ifndef EG_PATH_D_PATH
+		if (parked)
+			exec_paths.delete(&pid_tgid);
+#endif
+		return ret;
+	}
 #ifdef EG_PATH_D_PATH
 	/* The absolute path of the file being loaded (f_path is a struct inside struct file). */
 	if (bpf_d_path((struct path *)((const char *)file + EG_OFF_FILE_PATH), e->path,
@@ -254,17 +551,167 @@ static __always_inline int eg_judge_exec(const void *bprm)
 #else
 	/* The path the exec's open parked; a copy between map value and record (no probe read). */
 	if (parked) {
-		if (parked->ino == key.ino && parked->dev == key.dev)
-			__builtin_memcpy(e->path, parked->path, sizeof(e->path));
+		eg_copy_parked(e, parked);
 		exec_paths.delete(&pid_tgid);
 	}
 #endif
+	eg_send(e);
+	return ret;
+}
 
-	/* Wake user space only when it has work: a file to verify or a denial to record. */
+/* The verdict on a file in scope mapped executable, shared by eg_judge_map (EPERM) and the
+ * kill backend's eg_kill_map (SIGKILL): its state, and the flags of its record (EG_F_DENIED
+ * when it must not run). */
+struct eg_map_look {
+	__u64 size;
+	__u64 ctime_ns;
+	__u8 state;
+	__u8 evflags;
+};
+
+static __always_inline void eg_map_verdict(const void *inode, struct eg_where *w,
+					   __u32 flags, struct eg_map_look *m)
+{
+	eg_count(EG_LSM_STAT_MAPS);
+	m->size = EG_LOAD(__u64, inode, EG_OFF_INODE_SIZE);
+	m->ctime_ns = eg_ctime(inode);
+	m->state = eg_state_of(inode, &w->key, m->ctime_ns, m->size);
+	m->evflags = w->flags | EG_F_IN_SCOPE;
+	if (EG_LOAD(__s32, inode, EG_OFF_INODE_WRITECOUNT) > 0) {
+		m->evflags |= EG_F_WRITERS; /* the bytes may change under the verdict */
+		m->state = m->state == EG_STATE_DENY ? m->state : EG_STATE_STALE;
+	}
+	if (m->state != EG_STATE_ALLOW && m->state != EG_STATE_DENY &&
+	    eg_changed_since_start(m->ctime_ns))
+		m->evflags |= EG_F_FRESH;
+	if (m->state == EG_STATE_DENY ||
+	    (m->state != EG_STATE_ALLOW &&
+	     ((m->evflags & (EG_F_FRESH | EG_F_WRITERS)) || (flags & EG_LSM_CFG_STRICT_MAPS)) &&
+	     (flags & EG_LSM_CFG_DENY_UNKNOWN)))
+		m->evflags |= EG_F_DENIED;
+}
+
+/* A file mapped with PROT_EXEC (op EG_MSG_MMAP) or made executable (EG_MSG_MPROTECT) is an
+ * exec without execve: the dynamic loader maps libraries and `ld.so ./prog`'s program this
+ * way, and so does any loader of its own. A file in scope: allowed by an allow verdict,
+ * denied by a deny verdict; without one it is denied when it is fresh (changed since the
+ * agent started, on a filesystem that appeared since, or without a name) or open for write
+ * right now, and otherwise (a file untouched since before the agent started, not verified
+ * yet) allowed and verified: its verdict holds from the next mapping. Once the pre-scan
+ * has verified the whole scope (EG_LSM_CFG_STRICT_MAPS), there is no such benefit: every
+ * file without a verdict is denied. */
+static __always_inline int eg_judge_map(const void *file, __u8 op, unsigned long prot)
+{
+	__u32 flags = eg_cfg();
+	if (!(flags & EG_LSM_CFG_MAPS) || !file || !(prot & EG_PROT_EXEC))
+		return 0;
+	const void *inode = eg_file_inode(file);
+	struct eg_where w = {};
+	if (!eg_place(eg_file_dentry(file), inode, &w) || !inode || eg_exempt())
+		return 0;
+	struct eg_map_look m = {};
+	eg_map_verdict(inode, &w, flags, &m);
+	__u64 size = m.size, ctime_ns = m.ctime_ns;
+	__u8 state = m.state, evflags = m.evflags;
+	int ret = 0;
+	if ((evflags & EG_F_DENIED) && (flags & EG_LSM_CFG_ENFORCE)) {
+		evflags |= EG_F_EPERM;
+		ret = -EG_EPERM;
+		eg_count(EG_LSM_STAT_MAPS_DENIED);
+	}
 	if (state == EG_STATE_ALLOW)
-		events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
-	else
-		events.ringbuf_submit(e, BPF_RB_FORCE_WAKEUP);
+		return ret; /* a hit: nothing to record (the exec or first mapping was) */
+	struct eg_exec_event *e = eg_record(op, state, evflags, &w.key, ctime_ns, size, (__s32)prot);
+	if (!e)
+		return ret;
+	eg_copy_parked(e, open_paths.lookup(&w.key));
+	eg_send(e);
+	return ret;
+}
+
+/* The protection a mapping will really get, from the one the caller asked for: a process
+ * with personality(READ_IMPLIES_EXEC) gets PROT_EXEC with every PROT_READ (the kernel's
+ * mmap_prot). The LSM mmap_file hook is handed it already; security_mmap_file's fmod_ret
+ * program and the kill backend's syscall tracepoint see only what was asked. */
+static __always_inline unsigned long eg_effective_prot(unsigned long prot)
+{
+	if (!(prot & EG_PROT_READ) || (prot & EG_PROT_EXEC))
+		return prot;
+	const void *task = bpf_get_current_task_btf();
+	__u32 persona = EG_LOAD(__u32, task, EG_OFF_TASK_PERSONALITY);
+	return (persona & EG_READ_IMPLIES_EXEC) ? prot | EG_PROT_EXEC : prot;
+}
+
+/* mprotect: only a mapping that was not executable before is judged (an executable one was
+ * judged when it was mapped). */
+static __always_inline int eg_judge_mprotect(const void *vma, unsigned long prot)
+{
+	if (!vma || !(prot & EG_PROT_EXEC))
+		return 0;
+	unsigned long vm_flags = EG_LOAD(unsigned long, vma, EG_OFF_VMA_FLAGS);
+	if (vm_flags & EG_VM_EXEC)
+		return 0;
+	return eg_judge_map(EG_LOAD(const void *, vma, EG_OFF_VMA_FILE), EG_MSG_MPROTECT, prot);
+}
+
+/* ------------------------------------------------------------------------------- guard */
+
+/* While the scopes do not cover the host, a mount onto a path in scope could put files of
+ * an out-of-scope filesystem under a scope path (a bind mount, a move, a remount of a
+ * block device elsewhere): refused, for everyone but the agent. A new filesystem mounted
+ * there would be in scope, but is refused too: one rule, said in one sentence. */
+static __always_inline int eg_guard_mount(const void *target_dentry, unsigned long mflags)
+{
+	__u32 flags = eg_cfg();
+	if (!(flags & EG_LSM_CFG_MOUNTS) || !target_dentry)
+		return 0;
+	if ((mflags & EG_MS_REMOUNT) || ((mflags & EG_MS_PROPAGATION) &&
+					 !(mflags & (EG_MS_BIND | EG_MS_MOVE))))
+		return 0; /* options and propagation change no file */
+	struct eg_where w = {};
+	if (!eg_place(target_dentry, eg_dentry_inode(target_dentry), &w) || eg_exempt_or_child())
+		return 0;
+	int ret = 0;
+	__u8 evflags = EG_F_IN_SCOPE | EG_F_DENIED;
+	if (flags & EG_LSM_CFG_ENFORCE) {
+		ret = -EG_EPERM;
+		evflags |= EG_F_EPERM;
+		eg_count(EG_LSM_STAT_MOUNTS_REFUSED);
+	}
+	struct eg_exec_event *e = eg_record(EG_MSG_MOUNT, EG_STATE_DENY, evflags, &w.key, 0, 0,
+					    (__s32)mflags);
+	if (e)
+		eg_send(e);
+	return ret;
+}
+
+/* ptrace attach (and what needs the same right: process_vm_writev, /proc/PID/mem writes)
+ * to a process whose program is in scope: refused for everyone but the agent, or code the
+ * policy never saw would run as that program. */
+static __always_inline int eg_guard_ptrace(const void *child, unsigned int mode)
+{
+	__u32 flags = eg_cfg();
+	if (!(flags & EG_LSM_CFG_PTRACE) || !child || !(mode & EG_PTRACE_MODE_ATTACH))
+		return 0;
+	const void *mm = EG_LOAD(const void *, child, EG_OFF_TASK_MM);
+	if (!mm)
+		return 0; /* a kernel thread */
+	const void *exe = EG_LOAD(const void *, mm, EG_OFF_MM_EXE_FILE);
+	struct eg_where w = {};
+	if (!exe || !eg_place(eg_file_dentry(exe), eg_file_inode(exe), &w) || eg_exempt())
+		return 0;
+	int ret = 0;
+	__u8 evflags = EG_F_IN_SCOPE | EG_F_DENIED | (w.flags & EG_F_PATHLESS);
+	if (flags & EG_LSM_CFG_ENFORCE) {
+		ret = -EG_EPERM;
+		evflags |= EG_F_EPERM;
+		eg_count(EG_LSM_STAT_PTRACE_REFUSED);
+	}
+	__u32 target = EG_LOAD(__u32, child, EG_OFF_TASK_TGID);
+	struct eg_exec_event *e = eg_record(EG_MSG_PTRACE, EG_STATE_DENY, evflags, &w.key, 0, 0,
+					    (__s32)target);
+	if (e)
+		eg_send(e);
 	return ret;
 }
 

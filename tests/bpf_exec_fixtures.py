@@ -1,8 +1,10 @@
-"""Shared helpers for the BPF exec sensor tests: one compile per session, scoped tmpfs mounts.
+"""Shared helpers for the kill sensor tests: one compile per session, scoped tmpfs mounts.
 
 The sensor is cached at module level, so test files that import the fixture share one BCC
 compile (a fixture imported into two modules is two fixtures to pytest). Every test leaves
-the sensor in report-only mode with an empty scope, whatever happens.
+the sensor in report-only mode with no filesystem class set and the guards that keep every
+unclassified filesystem out of scope (``ONLY_CLASSED``), whatever happens: with them, only
+a tmpfs the test put in scope can ever be killed on.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from typing import Iterator, List, Optional
 import pytest
 
 from agent.decision import FileIdentity
+from agent.sensors.bpf.sensor import Guards
 from agent.sensors.bpf_exec import BpfExecSensor
-from agent.sensors.decode import ExecRecord
-from agent.sensors.selftest import private_tmpfs
+from agent.sensors.decode import ExecRecord, Op
+from agent.sensors.selftest import ONLY_CLASSED, private_tmpfs
 
 ECHO = "/bin/echo"
 RECORD_DEADLINE_S = 5.0
@@ -42,25 +45,39 @@ def sensor_fixture() -> Iterator[BpfExecSensor]:
     if _shared is None:
         _shared = BpfExecSensor()
         atexit.register(_close_shared)
-    _shared.set_mode(kill=False, deny_unknown=False)
+    reset(_shared)
     yield _shared
-    _shared.set_mode(kill=False, deny_unknown=False)
+    reset(_shared)
+
+
+def reset(sensor: BpfExecSensor) -> None:
+    """Report only, nothing in scope but what has a class, and no class left over."""
+    sensor.set_mode(enforce=False, deny_unknown=False, guards=ONLY_CLASSED)
+    for dev in sensor.fs_classes:
+        sensor.drop_fs_class(dev)
+
+
+def enforce(sensor: BpfExecSensor, *, deny_unknown: bool = True, maps: bool = True,
+            loader: bool = False) -> None:
+    """Kill in scope: only the filesystems the test gave a class (ONLY_CLASSED)."""
+    sensor.set_mode(enforce=True, deny_unknown=deny_unknown,
+                    guards=Guards(maps=maps, loader=loader, unseen_out=True))
 
 
 @contextlib.contextmanager
 def scoped_tmpfs(sensor: BpfExecSensor, *, in_scope: bool) -> Iterator[str]:
-    """A tmpfs the test owns; in scope while the block runs, out of it (and unmounted) after.
-
-    The mode is reset to report-only first, so a kill never outlives the block.
-    """
+    """A tmpfs the test owns; in scope (class IN) while the block runs, out of it (and
+    unmounted) after. The mode is reset to report-only first, so a kill never outlives the
+    block. Out of scope, its execs are not even reported."""
     with private_tmpfs() as mnt:
+        os.chmod(mnt, 0o755)
         dev = os.stat(mnt).st_dev
         try:
             if in_scope:
                 sensor.add_scope_dev(dev)
             yield mnt
         finally:
-            sensor.set_mode(kill=False, deny_unknown=False)
+            sensor.set_mode(enforce=False, deny_unknown=False, guards=ONLY_CLASSED)
             sensor.remove_scope_dev(dev)
 
 
@@ -78,15 +95,16 @@ def run(argv: List[str], timeout: float = 10.0) -> subprocess.CompletedProcess[b
 
 
 def wait_record(
-    sensor: BpfExecSensor, *, path: str, pid: Optional[int] = None
+    sensor: BpfExecSensor, *, path: str, pid: Optional[int] = None, op: Op = Op.EXEC
 ) -> ExecRecord:
-    """The first record for ``path`` (and ``pid`` if given); fails after a deadline."""
+    """The first ``op`` record for ``path`` (and ``pid`` if given); fails after a deadline.
+    A mapping record's path is the file's path within its filesystem."""
     end = time.monotonic() + RECORD_DEADLINE_S
     while time.monotonic() < end:
         for rec in sensor.poll(50):
-            if rec.event.path == path and (pid is None or rec.event.pid == pid):
+            if rec.op is op and rec.event.path == path and (pid is None or rec.event.pid == pid):
                 return rec
-    pytest.fail(f"no exec record for {path} (pid {pid}) within {RECORD_DEADLINE_S} s")
+    pytest.fail(f"no {op.name} record for {path} (pid {pid}) within {RECORD_DEADLINE_S} s")
 
 
 def drain(sensor: BpfExecSensor) -> None:

@@ -9,8 +9,9 @@ into the same ``Runner`` protocol.
 
 from __future__ import annotations
 
-from typing import Callable, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
+from agent import registry
 from agent.backends.base import (
     CANARIES,
     PREFERENCE,
@@ -27,30 +28,51 @@ from agent.backends.sensor import SensorRunner
 from agent.decide import Decider
 from agent.errors import ExecguardError
 
-__all__ = ["CANARIES", "PREFERENCE", "BackendUnavailable", "FanotifyRunner", "FmodRetRunner",
-           "LsmRunner", "NotifyAuditRunner", "Runner", "SelftestResult", "SensorRunner",
-           "make_runners", "pump", "start_backend"]
+__all__ = [
+    "CANARIES",
+    "PREFERENCE",
+    "RUNNERS",
+    "BackendUnavailable",
+    "FanotifyRunner",
+    "FmodRetRunner",
+    "LsmRunner",
+    "NotifyAuditRunner",
+    "Runner",
+    "SelftestResult",
+    "SensorRunner",
+    "make_runners",
+    "pump",
+    "start_backend",
+]
+
+
+RunnerFactory = Callable[[str, Decider, Record], List[Runner]]
+
+# The runners behind each backend of agent/registry.py, preferred first.
+RUNNERS: Dict[str, RunnerFactory] = {
+    "bpf-lsm": lambda name, decider, record: [LsmRunner(name, decider, record)],
+    "fmod-ret": lambda name, decider, record: [FmodRetRunner(name, decider, record)],
+    "fanotify-exec": lambda name, decider, record: [FanotifyRunner(name, decider, record)],
+    "fanotify-open": lambda name, decider, record: [FanotifyRunner(name, decider, record)],
+    "kill": lambda name, decider, record: [SensorRunner(name, decider, record)],
+    # the BCC sensor where it loads, else fanotify notifications
+    "audit-only": lambda name, decider, record: [SensorRunner(name, decider, record),
+                                                 NotifyAuditRunner(decider, record)],
+}
 
 
 def make_runners(name: str, decider: Decider, record: Record) -> List[Runner]:
     """The runners that can serve ``name``, preferred first."""
-    if name in ("fanotify-exec", "fanotify-open"):
-        return [FanotifyRunner(name, decider, record)]
-    if name == "kill":
-        return [SensorRunner(name, decider, record)]
-    if name == "audit-only":  # the BCC sensor where it loads, else fanotify notifications
-        return [SensorRunner(name, decider, record), NotifyAuditRunner(decider, record)]
-    if name == "bpf-lsm":
-        return [LsmRunner(name, decider, record)]
-    if name == "fmod-ret":
-        return [FmodRetRunner(name, decider, record)]
-    raise BackendUnavailable(f"unknown backend {name}")
+    factory = RUNNERS.get(name)
+    if factory is None:
+        raise BackendUnavailable(f"unknown backend {name}")
+    return factory(name, decider, record)
 
 
 def start_backend(first: str, decider: Decider, record: Record,
                   on_skip: Callable[[str, str], None]) -> Tuple[Runner, SelftestResult]:
     """Start ``first`` or, when its self-test fails, the next one down the preference order."""
-    for name in PREFERENCE[PREFERENCE.index(first):]:
+    for name in registry.below(first):
         try:
             runners = make_runners(name, decider, record)
         except BackendUnavailable as exc:

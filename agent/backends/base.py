@@ -10,15 +10,16 @@ import subprocess
 import tempfile
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Protocol, Set, Tuple
+from typing import Any, Callable, Dict, Optional, Protocol, Tuple
 
+from agent import registry
 from agent.decision import Decision, Enforcement, ExecEvent, FileIdentity
 from agent.errors import ExecguardError
 from agent.policy import Mode, PolicySnapshot
 from agent.service.heartbeat import Heartbeat
 
 Record = Callable[[Decision], None]
-PREFERENCE = ("bpf-lsm", "fmod-ret", "fanotify-exec", "fanotify-open", "kill", "audit-only")
+PREFERENCE = registry.NAMES  # agent/registry.py: the one backend table
 CANARIES = ("/usr/bin/true", "/bin/true")
 RECORDED_MAX = 65536
 
@@ -108,10 +109,13 @@ class KernelVerdicts:
         self._lock = threading.Lock()
         self.generation = 0
 
-    def write(self, sensor: Any, identity: FileIdentity, allow: bool, generation: int) -> bool:
+    def write(self, sensor: Any, identity: FileIdentity, allow: bool, generation: int,
+              insert_only: bool = False) -> bool:
         with self._lock:
             if generation != self.generation:
                 return False
+            if insert_only:
+                return bool(sensor.insert_verdict(identity, allow))
             sensor.set_verdict(identity, allow)
             return True
 
@@ -119,21 +123,6 @@ class KernelVerdicts:
         with self._lock:
             self.generation += 1
             return int(sensor.clear_verdicts())
-
-
-def whole_devices(snapshot: PolicySnapshot) -> Set[int]:
-    """The devices the kernel enforces on: scope roots that are mount points (a tmpfs, a
-    dedicated disk), never "/"."""
-    return {os.stat(root).st_dev for root in snapshot.scope_roots()
-            if root != "/" and os.path.ismount(root)}
-
-
-def rescope(sensor: Any, snapshot: PolicySnapshot) -> None:
-    want = whole_devices(snapshot)
-    for dev in want - sensor.scope:
-        sensor.add_scope_dev(dev)
-    for dev in sensor.scope - want:
-        sensor.remove_scope_dev(dev)
 
 
 def pump(sensor: Any, stop: threading.Event, handle: Callable[[Any], None],
@@ -155,29 +144,73 @@ def pump(sensor: Any, stop: threading.Event, handle: Callable[[Any], None],
                 handle(rec)
             except (OSError, ExecguardError):
                 counts[error_key] += 1
+            except Exception:  # a bug must cost one record, never the thread (fail-open)
+                counts[error_key] += 1
+                counts["handler_bugs"] = counts.get("handler_bugs", 0) + 1
             if heartbeat is not None:
                 heartbeat.beat()
         timeout = busy_ms if busy_ms is not None and len(records) >= busy_records else idle_ms
 
 
 def identity_of(st: os.stat_result) -> FileIdentity:
-    return FileIdentity(st.st_dev, st.st_ino, st.st_ctime_ns, st.st_size)
+    return FileIdentity(st.st_dev, st.st_ino, st.st_ctime_ns, st.st_size, st.st_mtime_ns)
 
 
 def identity_key(identity: FileIdentity) -> Tuple[int, int, int, int]:
     return (identity.dev, identity.ino, identity.ctime_ns, identity.size)
 
 
-def open_exec_file(event: ExecEvent) -> Optional[int]:
-    """The exec'd file: /proc/PID/exe while the process lives, else the path if it is still
-    the same inode; None when neither is."""
-    for path in (f"/proc/{event.pid}/exe", event.path):
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-        except OSError:
-            continue
-        st = os.fstat(fd)
-        if (st.st_dev, st.st_ino) == (event.identity.dev, event.identity.ino):
+KeyOf = Callable[[int], Optional[Tuple[int, int]]]
+
+
+def stat_key(fd: int) -> Optional[Tuple[int, int]]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _open_if(path: str, want: Tuple[int, int], key_of: KeyOf) -> Optional[int]:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if key_of(fd) == want:
             return fd
-        os.close(fd)
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
+def open_exec_file(event: ExecEvent, key_of: KeyOf = stat_key) -> Optional[int]:
+    """The exec'd file: /proc/PID/exe while the process lives, else the path if it is still
+    the same inode; None when neither is. ``key_of`` gives (dev, ino) as the record has it
+    (the kernel's view, which differs from stat() on an overlay: agent/scope)."""
+    want = (event.identity.dev, event.identity.ino)
+    for path in (f"/proc/{event.pid}/exe", event.path):
+        fd = _open_if(path, want, key_of)
+        if fd is not None:
+            return fd
+    return None
+
+
+def open_mapped_file(event: ExecEvent, key_of: KeyOf = stat_key) -> Optional[int]:
+    """The file a mapping record names: its parked path while it is still that inode, else
+    one of the process's own mappings (/proc/PID/map_files, which needs CAP_SYS_ADMIN) that
+    is that inode. /proc/PID/maps names an overlay file by the layer's device and inode, so
+    every file mapping of the inode number is tried and compared with ``key_of``."""
+    want = (event.identity.dev, event.identity.ino)
+    candidates = [event.path] if event.path.startswith("/") else []
+    try:
+        with open(f"/proc/{event.pid}/maps", encoding="ascii", errors="replace") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 6 and parts[4].isdigit() and int(parts[4]) == want[1]:
+                    candidates.append(f"/proc/{event.pid}/map_files/{parts[0]}")
+    except (OSError, ValueError):
+        pass
+    for path in dict.fromkeys(candidates):
+        fd = _open_if(path, want, key_of)
+        if fd is not None:
+            return fd
     return None

@@ -18,21 +18,23 @@ from agent.backends.base import (
     identity_key,
     identity_of,
     map_allows,
-    open_exec_file,
     private_tmpfs,
     pump,
     replace_decision,
-    rescope,
     run_canary,
     with_exe,
 )
 from agent.backends.fanotify import FanotifyRunner, answer_for
+from agent.backends.kernel_scope import KernelScope
+from agent.backends.records import KernelRecords
 from agent.decide import Decider
 from agent.decision import Decision, Enforcement, ExecEvent, FileIdentity, Source
 from agent.errors import ExecguardError, Reason
 from agent.policy import Mode, PolicySnapshot
+from agent.sensors.bpf_lsm import Guards
 from agent.sensors.fanotify_model import ALLOW_ONCE, AllowOnce
 from agent.service.heartbeat import Heartbeat
+from agent.writers import has_writers
 
 
 class _FanotifyFeeder(FanotifyRunner):
@@ -47,10 +49,17 @@ class _FanotifyFeeder(FanotifyRunner):
 
     def _decide(self, event: ExecEvent, fd: int) -> Union[bool, AllowOnce]:
         decision = self.lsm.fill(with_exe(event), fd)
+        snapshot = self.decider.store.current.snapshot
+        if decision is not None and snapshot.caller_dependent and not decision.allow \
+                and decision.enforcement is self.lsm.enforcement:
+            # rules on the caller: the map's one entry for the file serves every caller, and
+            # another caller's allow could land in it before this exec reaches bprm_check;
+            # the open itself refuses this caller (no bprm_check, so the record is made here)
+            self.lsm.record_filled(decision)
+            return False
         if decision is not None:  # the map holds the verdict: the LSM hook enforces it
             # but a monitor rule's would-deny must be asked again (see answer_for)
-            answer = answer_for(decision, self.lsm.enforcement,
-                                self.decider.store.current.snapshot)
+            answer = answer_for(decision, self.lsm.enforcement, snapshot)
             return ALLOW_ONCE if answer is ALLOW_ONCE else True
         return super()._decide(event, fd)
 
@@ -60,7 +69,7 @@ class _FanotifyFeeder(FanotifyRunner):
             super()._observe(outcome)  # the kernel's record reports execs the LSM covers
 
 
-class LsmRunner:
+class LsmRunner(KernelRecords):
     """BPF LSM: bprm_check_security returns EPERM for files on scoped devices whose verdict
     is deny, or which are unknown in enforce mode. The verdict map is filled before execs
     (pre-scan via ``remember``), synchronously by fanotify where it exists (enforce mode),
@@ -83,6 +92,7 @@ class LsmRunner:
         self.record = record
         self.use_fanotify = fanotify
         self._sensor: Any = None
+        self._scope: Optional[KernelScope] = None
         self._feeder: Optional[_FanotifyFeeder] = None
         self._held: Dict[Tuple[int, int, int, int], Decision] = {}
         self._recorded: Set[FileIdentity] = set()
@@ -93,7 +103,8 @@ class LsmRunner:
         self.heartbeat = Heartbeat(f"{name} ring poll")
         self._n: Dict[str, Any] = dict.fromkeys(
             ("records", "kernel_hits", "kernel_denials", "decided", "filled_by_fanotify",
-             "vanished", "errors", "policy_swaps", "verdicts_dropped"), 0)
+             "vanished", "errors", "policy_swaps", "verdicts_dropped", "mappings",
+             "loader_denials", "mounts_refused", "ptrace_refused"), 0)
         self._n["fanotify"] = "off"
 
     def _open_sensor(self) -> Any:
@@ -124,7 +135,9 @@ class LsmRunner:
             ident = identity_of(os.stat(canary))
             dev = ident.dev
             sensor.add_scope_dev(dev)
-            sensor.set_mode(enforce=True, deny_unknown=True)
+            # only the canary's tmpfs is in scope: before start() no filesystem has a
+            # class, and unseen ones would otherwise be in scope (every exec on the host)
+            sensor.set_mode(enforce=True, deny_unknown=True, guards=Guards(unseen_out=True))
             denied = run_canary(canary)
             sensor.set_verdict(ident, True)
             allowed = run_canary(canary)
@@ -132,7 +145,7 @@ class LsmRunner:
         except (OSError, subprocess.SubprocessError, ExecguardError) as exc:
             return SelftestResult(False, f"{self.name} self-test failed: {exc}")
         finally:
-            sensor.set_mode(enforce=False, deny_unknown=False)
+            sensor.set_mode(enforce=False, deny_unknown=False, guards=Guards(unseen_out=True))
             if dev is not None:
                 sensor.remove_scope_dev(dev)
             drop_tmpfs(mnt)
@@ -153,13 +166,15 @@ class LsmRunner:
         return self.decider.store.current.snapshot.mode is Mode.ENFORCE
 
     def covers(self, identity: FileIdentity) -> bool:
-        """The LSM hook judges this file: its device is in the kernel scope."""
-        return self._sensor is not None and identity.dev in self._sensor.scope
+        """The LSM hook judges files of this filesystem (some or all of them)."""
+        return self._scope is not None and self._scope.covers(identity.dev)
 
     def start(self) -> None:
         sensor = self._open_sensor()
-        # whole devices only: a scope root that is a mount point (a tmpfs, a dedicated disk)
-        rescope(sensor, self.decider.store.current.snapshot)
+        # every filesystem the agent sees gets its class before anything is enforced
+        self._scope = KernelScope(sensor, self.decider.store.current.snapshot)
+        self._scope.start()
+        sensor.exempt(os.getpid())  # after the self-test, whose canary must not be exempt
         enforce = self.enforcing()
         if enforce:
             self._start_feeder()
@@ -196,7 +211,8 @@ class LsmRunner:
         with self._lock:
             self._held.clear()  # decisions held for records were made under the old policy
         self._recorded.clear()
-        rescope(sensor, snapshot)
+        if self._scope is not None:
+            self._scope.policy_changed(snapshot)
         if self._feeder is not None:
             self._feeder.policy_changed(snapshot)  # no ignore marks (new marks if scopes moved)
         elif enforce:
@@ -209,12 +225,27 @@ class LsmRunner:
         decision, or None when the LSM does not cover it (fanotify then enforces itself)."""
         if not self.covers(event.identity):
             return None
+        event, in_scope = self._placed(event, fd)
+        snapshot = self.decider.store.current.snapshot
+        ident = self._identity(fd)
+        known = self._sensor.verdict(ident)  # the kernel's own word on this version
+        if known is True and snapshot.file_decides and not any(
+                r.mode is Mode.MONITOR for r in snapshot.rules):
+            # bprm_check will allow it from the map (an allow for the file, not a monitor
+            # rule's would-deny, which must be recorded as such); the kernel's record says so
+            return Decision(event, True, Reason.OK, "kernel verdict map hit", Enforcement.NONE,
+                            Source.CACHE, policy_version=snapshot.version)
         for _attempt in range(3):  # a policy swap during the decision: decide again
             generation = self._kv.generation
-            ident = identity_of(os.fstat(fd))  # the stamp of what is verified, taken before it
-            decision = self.decider.decide(event, fd, self.enforcement)
+            ident = self._identity(fd)  # the stamp of what is verified, taken before it
+            # no allow in the kernel (never one, a write-open dropped it, or a close-write
+            # verified new bytes to a denial): nothing keyed by identity is trusted, since a
+            # write through a shared mapping can change the bytes under the same stamp, and
+            # an older cache entry must never overrule the kernel's newer word
+            decision = self.decider.decide(event, fd, self.enforcement, in_scope=in_scope,
+                                           rehash=known is not True)
             allow = map_allows(decision, self.decider.store.current.snapshot.mode)
-            if self._kv.write(self._sensor, ident, allow, generation):
+            if self._publish(fd, ident, allow, generation) or has_writers(fd):
                 break
         with self._lock:
             if len(self._held) >= self.HELD_MAX:
@@ -223,17 +254,28 @@ class LsmRunner:
         self._n["filled_by_fanotify"] += 1
         return decision
 
+    def record_filled(self, decision: Decision) -> None:
+        """Record a fill's decision now (the open was refused: no kernel record follows)."""
+        with self._lock:  # held under the kernel's identity of the file (fill)
+            for key in [k for k, held in self._held.items() if held is decision]:
+                del self._held[key]
+        self.record(decision)
+
     def _loop(self) -> None:
         pump(self._sensor, self._stop, self._handle, self._n, "errors", self.POLL_MS,
              heartbeat=self.heartbeat)
 
     def _handle(self, lrec: Any) -> None:
+        """One kernel record: an exec, a mapping, or a refused mount or ptrace
+        (agent/backends/records.py)."""
+        self._n["records"] += 1
+        self._n["kernel_denials"] += int(lrec.eperm)
+        self._dispatch(lrec.record, lrec.eperm)
+
+    def _handle_exec(self, rec: Any, eperm: bool) -> None:
         from agent.sensors.decode import KernelState
 
-        rec, eperm = lrec.record, lrec.eperm
         event: ExecEvent = rec.event
-        self._n["records"] += 1
-        self._n["kernel_denials"] += int(eperm)
         snapshot = self.decider.store.current.snapshot
         with self._lock:
             held = self._held.pop(identity_key(event.identity), None)
@@ -242,36 +284,14 @@ class LsmRunner:
             self.record(replace_decision(held, event=event))
             return
         if rec.state is KernelState.ALLOW:
-            # record the first exec of each file version (it may only have been pre-warmed),
-            # then count: a decision line per cache hit would cost the agent more than the
-            # exec costs the kernel
-            self._n["kernel_hits"] += 1
-            if event.identity not in self._recorded:
-                if len(self._recorded) >= self.RECORDED_MAX:
-                    self._recorded.clear()
-                self._recorded.add(event.identity)
-                self.record(Decision(event, True, Reason.OK, "kernel verdict map hit",
-                                     Enforcement.NONE, Source.CACHE,
-                                     policy_version=snapshot.version))
+            self._record_kernel_hit(event, snapshot)
             return
-        fd = open_exec_file(event)  # a denied exec never ran: /proc/PID/exe is the old one
+        # a denied exec never ran: /proc/PID/exe is the old one
+        fd = self._exec_file(event)
         if fd is None:
-            self._n["vanished"] += 1
-            self.record(Decision(event, not eperm, Reason.VERIFY_FAILED,
-                                 "the file was gone before it could be verified",
-                                 self.enforcement if eperm else Enforcement.NONE,
-                                 Source.DEFAULT, policy_version=snapshot.version))
+            self._unreadable(rec, eperm, "exec")
             return
-        generation = self._kv.generation
-        try:
-            ident = identity_of(os.fstat(fd))
-            decision = self.decider.decide(event, fd, self.enforcement)
-        finally:
-            os.close(fd)
-        self._n["decided"] += 1
-        if self._per_file_ok(snapshot):
-            self._kv.write(self._sensor, ident, map_allows(decision, snapshot.mode),
-                           generation)
+        decision = self._decide_and_remember(event, fd, snapshot)
         if eperm and decision.allow:  # denied as unknown; trusted now, so the next exec runs
             decision = replace_decision(decision, allow=False, reason=Reason.UNVERIFIED,
                                 enforcement=self.enforcement,
@@ -285,7 +305,8 @@ class LsmRunner:
         """None while the ring poll loop (and the fanotify feeder, when on) turn."""
         if self._thread is None or not self._thread.is_alive():
             return "bpf-lsm ring poll thread not running"
-        why = self.heartbeat.check(max_silence_s)
+        why = self._scope.alive() if self._scope is not None else None
+        why = why or self.heartbeat.check(max_silence_s)
         if why is None and self._feeder is not None:
             why = self._feeder.alive(max_silence_s)
         return why
@@ -298,8 +319,16 @@ class LsmRunner:
         snapshot = self.decider.store.current.snapshot
         if decided_under is not None and decided_under is not snapshot:
             return
-        if self.covers(identity) and snapshot.in_scope(path) and not snapshot.caller_dependent:
-            self._kv.write(self._sensor, identity, allow, generation)
+        if not (self.covers(identity) and snapshot.in_scope(path)
+                and not snapshot.caller_dependent):
+            return
+        self._publish_path(path, identity, allow, generation)
+
+    def prescan_done(self, snapshot: PolicySnapshot, complete: bool) -> None:
+        """The pre-scan finished (agent/prewarm.py): with every file of the scope verified,
+        a mapping of a file without a verdict is denied from now on (kernel_scope)."""
+        if self._scope is not None:
+            self._scope.prescan_done(snapshot, complete)
 
     def _per_file_ok(self, snapshot: PolicySnapshot) -> bool:
         """A verdict decided for one exec may stand for the file: always, unless a rule
@@ -310,6 +339,8 @@ class LsmRunner:
 
     def stop(self) -> None:
         self._stop.set()
+        if self._scope is not None:
+            self._scope.stop()
         if self._feeder is not None:
             self._feeder.stop()
         if self._thread is not None:
@@ -321,6 +352,8 @@ class LsmRunner:
         out: Dict[str, Any] = dict(self._n)
         if self._sensor is not None:
             out["sensor"] = self._sensor.stats().__dict__
+        if self._scope is not None:
+            out["scope"] = self._scope.stats()
         if self._feeder is not None:
             out["fanotify_stats"] = self._feeder.stats()
         return out

@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List
 
 from agent.sensors.bpf_lsm import BpfLsmSensor, verdict_offsets
 from agent.sensors.kernel_layout import Btf
 
 BACKEND = "fmod-ret"
 SOURCE = "exec_fmod_ret.c"
-HOOK = b"kmod_ret__security_bprm_check"
+# The BPF_MODIFY_RETURN programs of exec_fmod_ret.c, attached by hand (see _attach).
+HOOKS = tuple(b"kmod_ret__security_" + name for name in (
+    b"bprm_check", b"mmap_file", b"file_mprotect", b"sb_mount", b"move_mount",
+    b"ptrace_access_check"))
 
 
 def fmod_ret_offsets(btf: Btf, blob: bytes) -> Dict[str, int]:
@@ -39,21 +42,22 @@ class BpfFmodRetSensor(BpfLsmSensor):
                     "trampolines, or a hardened kernel); run execguard doctor")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._link: Optional[int] = None
+        self._links: List[int] = []
         super().__init__(*args, **kwargs)
 
     def _attach(self, bcc: Any) -> None:
         # BCC autoloads the fentry (kfunc__) hooks; its constructor leaves kmod_ret__ alone,
-        # and BCC < 0.35 has no attach_fmod_ret(): load it as tracing, attach by its fd.
-        fn = self._bpf.load_func(HOOK, bcc.BPF.TRACING)
-        link = int(bcc.lib.bpf_attach_kfunc(fn.fd))
-        if link < 0:
-            raise RuntimeError(f"Failed to attach fmod_ret program to security_bprm_check "
-                               f"({os.strerror(-link) if link < -1 else 'refused'})")
-        self._link = link
+        # and BCC < 0.35 has no attach_fmod_ret(): load each as tracing, attach by its fd.
+        for hook in HOOKS:
+            fn = self._bpf.load_func(hook, bcc.BPF.TRACING)
+            link = int(bcc.lib.bpf_attach_kfunc(fn.fd))
+            if link < 0:
+                raise RuntimeError(f"Failed to attach fmod_ret program {hook.decode()} "
+                                   f"({os.strerror(-link) if link < -1 else 'refused'})")
+            self._links.append(link)
 
     def _detach(self) -> None:
-        link, self._link = getattr(self, "_link", None), None
-        if link is not None:
+        links, self._links = getattr(self, "_links", []), []
+        for link in links:  # the verdict hook first: nothing is denied once it is gone
             with contextlib.suppress(OSError):
                 os.close(link)

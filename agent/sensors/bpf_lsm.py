@@ -18,24 +18,17 @@ Typical use::
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import os
 import struct
-import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Optional, Set, Tuple
+from typing import Dict, List, Optional
 
-from agent.decision import FileIdentity
-from agent.sensors.bpf_exec import (
-    BPF_DIR,
-    SensorConfig,
-    _captured_stderr,
-    _explain,
-    _header_warnings,
-)
-from agent.sensors.decode import ExecRecord, RecordDecoder, st_dev_to_kernel_dev
-from agent.sensors.errors import SensorMapError, SensorUnavailable
+from agent.sensors.bpf.build import OffsetsFn as OffsetsFn
+from agent.sensors.bpf.build import SensorConfig
+from agent.sensors.bpf.build import build_cflags as _build_cflags
+from agent.sensors.bpf.build import program_text as _program_text
+from agent.sensors.bpf.sensor import VERDICT_STAT_NAMES, BpfSensor
+from agent.sensors.bpf.sensor import Guards as Guards  # where runners have imported it from
+from agent.sensors.decode import ExecRecord
 from agent.sensors.kernel_layout import (
     _FIXED_EXTRA,
     _PER_MEMBER,
@@ -43,14 +36,13 @@ from agent.sensors.kernel_layout import (
     Btf,
     LayoutError,
     exec_sensor_offsets,
+    inode_time_offsets,
 )
 
 BACKEND = "bpf-lsm"
 SOURCE = "exec_lsm.c"
-VERDICT_ALLOW, VERDICT_DENY = 1, 2  # EG_VERDICT_* in bpf/events.h
-CFG_ENFORCE, CFG_DENY_UNKNOWN = 0x01, 0x02  # EG_LSM_CFG_* in bpf/exec_lsm.c
 F_EPERM = 0x08  # eg_exec_event.flags: the hook returned -EPERM
-STAT_NAMES = ("execs", "drops", "denied", "invalidated", "in_scope")  # EG_LSM_STAT_* order
+STAT_NAMES = VERDICT_STAT_NAMES  # EG_LSM_STAT_*
 _KIND_FUNC, _KIND_FUNC_PROTO = 12, 13
 DEFAULT_CONFIG = SensorConfig(ringbuf_pages=256)  # 1 MiB: ~3,100 records of backlog
 
@@ -73,6 +65,12 @@ class LsmStats:
     decoded: int
     short_records: int
     unknown_records: int
+    maps: int = 0  # PROT_EXEC mappings of files in scope judged
+    maps_denied: int = 0
+    loader_denied: int = 0
+    mounts_refused: int = 0
+    ptrace_refused: int = 0
+    epochs: int = 0  # directory renames that made every verdict stale (path rules)
 
 
 def func_params(blob: bytes, name: str) -> Optional[int]:
@@ -111,6 +109,22 @@ def verdict_offsets(btf: Btf, blob: bytes, setattr_func: str) -> Dict[str, int]:
     out["EG_OFF_FILE_FLAGS"] = btf.require("file", "f_flags", 4).offset
     out["EG_OFF_PATH_DENTRY"] = btf.require("path", "dentry", 8).offset
     out["EG_OFF_DENTRY_INODE"] = btf.require("dentry", "d_inode", 8).offset
+    # where a file is: its directory ancestors within the filesystem, and the fs root
+    out["EG_OFF_DENTRY_PARENT"] = btf.require("dentry", "d_parent", 8).offset
+    out["EG_OFF_SB_ROOT"] = btf.require("super_block", "s_root", 8).offset
+    # what the file is: name count (0: no path), type, writers, and the mtime that stands
+    # for the bytes after a rename
+    out["EG_OFF_INODE_NLINK"] = btf.require("inode", "i_nlink", 4).offset
+    out["EG_OFF_INODE_MODE"] = btf.require("inode", "i_mode", 2).offset
+    out["EG_OFF_INODE_WRITECOUNT"] = btf.require("inode", "i_writecount", 4).offset
+    out.update(inode_time_offsets(btf, "mtime"))
+    # mappings and ptrace: the file behind a mapping, a process's program
+    out["EG_OFF_VMA_FILE"] = btf.require("vm_area_struct", "vm_file", 8).offset
+    out["EG_OFF_VMA_FLAGS"] = btf.require("vm_area_struct", "vm_flags", 8).offset
+    out["EG_OFF_TASK_MM"] = btf.require("task_struct", "mm", 8).offset
+    out["EG_OFF_MM_EXE_FILE"] = btf.require("mm_struct", "exe_file", 8).offset
+    # READ_IMPLIES_EXEC: the kernel adds PROT_EXEC to a PROT_READ mapping of such a process
+    out["EG_OFF_TASK_PERSONALITY"] = btf.require("task_struct", "personality", 4).offset
     nargs = func_params(blob, setattr_func)
     if nargs is None or nargs not in (2, 3):
         raise LayoutError(f"{btf.source}: {setattr_func} has {nargs} parameters, "
@@ -124,50 +138,17 @@ def lsm_offsets(btf: Btf, blob: bytes) -> Dict[str, int]:
     return verdict_offsets(btf, blob, "bpf_lsm_inode_setattr")
 
 
-OffsetsFn = Callable[[Btf, bytes], Dict[str, int]]
-
-
 def build_cflags(config: SensorConfig, btf_path: str = VMLINUX_BTF,
                  offsets: Optional[Dict[str, int]] = None, backend: str = BACKEND,
                  offsets_fn: OffsetsFn = lsm_offsets) -> List[str]:
     """Include dir, knobs (validated by SensorConfig) and this kernel's offsets."""
-    if offsets is None:
-        try:
-            with open(btf_path, "rb") as f:
-                blob = f.read()
-            offsets = offsets_fn(Btf(blob, btf_path), blob)
-        except OSError as exc:
-            raise SensorUnavailable(backend, f"{btf_path}: cannot read kernel BTF: "
-                                    f"{exc.strerror}", f"{backend} needs CONFIG_DEBUG_INFO_BTF=y"
-                                    ) from exc
-        except LayoutError as exc:
-            raise SensorUnavailable(backend, f"cannot read struct offsets: {exc}") from exc
-    flags = [f"-I{BPF_DIR}", *config.cflags()]
-    return flags + [f"-D{k}={int(v)}" for k, v in sorted(offsets.items())]
-
-
-SHARED = "exec_verdict.h"
-SHARED_INCLUDE = f'#include "{SHARED}"'
+    return _build_cflags(config, backend, offsets_fn, btf_path=btf_path, offsets=offsets)
 
 
 def program_text(source: str) -> str:
-    """``bpf/<source>`` with bpf/exec_verdict.h pasted in place of its ``#include``.
-
-    BCC rewrites map calls (``verdicts.lookup(&key)`` -> ``bpf_map_lookup_elem(fd, ...)``)
-    in the main file only; in an included header they stay calls through a function pointer,
-    which the kernel refuses ("unknown opcode 8d", an indirect call). So the shared code
-    reaches BCC as part of the main text, and stays one file in the tree."""
-    with open(os.path.join(BPF_DIR, source), encoding="utf-8") as f:
-        text = f.read()
-    with open(os.path.join(BPF_DIR, SHARED), encoding="utf-8") as f:
-        shared = f.read()
-    lines = text.split("\n")
-    at = [i for i, line in enumerate(lines) if line.strip() == SHARED_INCLUDE]
-    if len(at) != 1:
-        raise SensorUnavailable(BACKEND, f"{source}: expected one {SHARED_INCLUDE} line, "
-                                f"found {len(at)}")
-    lines[at[0]] = f"/* ---- {SHARED}, pasted by agent/sensors/bpf_lsm.py ---- */\n{shared}"
-    return "\n".join(lines)
+    """``bpf/<source>`` with bpf/exec_verdict.h pasted in place of its ``#include``
+    (agent/sensors/bpf/build.py says why)."""
+    return _program_text(source, BACKEND)
 
 
 def print_bpf(config: SensorConfig = DEFAULT_CONFIG) -> str:
@@ -175,185 +156,28 @@ def print_bpf(config: SensorConfig = DEFAULT_CONFIG) -> str:
     return f"// cflags: {' '.join(build_cflags(config))}\n{program_text(SOURCE)}"
 
 
-class BpfLsmSensor:
+class BpfLsmSensor(BpfSensor):
     """Loaded and attached on construction (mode: allow everything); ``close()`` detaches,
-    and the kernel then denies nothing (fail-open, decision 6).
-
-    Subclasses change the program (``source``), its name (``backend``), the offsets it needs
-    and how its verdict hook attaches (``_attach``); maps, records and modes are shared."""
+    and the kernel then denies nothing (fail-open, decision 6). Maps, scope, modes and the
+    ring are the shared base's (agent/sensors/bpf/sensor.py); subclasses change the program
+    (``source``), its name (``backend``), the offsets it needs and how its verdict hook
+    attaches (``_attach``)."""
 
     backend = BACKEND
     source = SOURCE
-    offsets_fn: OffsetsFn = staticmethod(lsm_offsets)  # type: ignore[assignment]
+    offsets_fn = staticmethod(lsm_offsets)  # type: ignore[assignment]
+    default_config = DEFAULT_CONFIG
+    btf_hint = f"{BACKEND} needs CONFIG_DEBUG_INFO_BTF=y"
     refused_hint = ("this kernel does not let BPF LSM programs load (lockdown policy or a "
                     "hardened kernel); run execguard doctor")
 
-    def __init__(self, config: SensorConfig = DEFAULT_CONFIG,
-                 offsets: Optional[Dict[str, int]] = None) -> None:
-        self.cflags = build_cflags(config, offsets=offsets, backend=self.backend,
-                                   offsets_fn=type(self).offsets_fn)
-        self._records: List[LsmRecord] = []
-        self._scope_devs: Set[int] = set()
-        self._mode = (False, False)
-        self._decoder = RecordDecoder(_realtime_offset(), backend=self.backend)
-        try:
-            import bcc
-        except ImportError as exc:
-            raise SensorUnavailable(self.backend, f"import bcc failed: {exc}",
-                                    "install python3-bpfcc (scripts/setup.sh)") from exc
-        self.warnings = _header_warnings()
-        log: List[str] = []
-        try:
-            with _captured_stderr() as log:
-                text = program_text(self.source).encode()  # BCC deprecates str source
-                self._bpf: Any = bcc.BPF(text=text, cflags=self.cflags)
-                self._attach(bcc)
-        except Exception as exc:  # BCC raises bare Exception for compile, load and attach
-            self.close()
-            cause, hint = _explain(exc, log)
-            if os.geteuid() == 0 and ("privileges" in cause or "not permitted" in cause):
-                cause = (f"the kernel refused the {self.backend} program although we run as "
-                         f"root ({cause[:200]})")
-                hint = self.refused_hint
-            raise SensorUnavailable(self.backend, cause, hint) from exc
-        try:
-            self._bpf[b"events"].open_ring_buffer(self._on_ring)
-            self._verdicts = self._bpf[b"verdicts"]
-            self._scope = self._bpf[b"scope_devs"]
-            self._config = self._bpf[b"config"]
-            self._stats = self._bpf[b"stats"]
-            self.set_mode(enforce=False, deny_unknown=False)
-        except Exception as exc:
-            self.close()
-            raise SensorUnavailable(self.backend, f"ring buffer or maps: {exc}") from exc
-
-    def _attach(self, bcc: Any) -> None:
-        """Attach what BCC's constructor does not: LSM_PROBE programs attach themselves."""
-
-    def close(self) -> None:
-        bpf = getattr(self, "_bpf", None)
-        if bpf is not None:
-            self._bpf = None
-            self._detach()
-            bpf.cleanup()
-
-    def _detach(self) -> None:
-        """Undo ``_attach`` (before BCC's cleanup closes the programs)."""
-
-    def __enter__(self) -> BpfLsmSensor:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _on_ring(self, _ctx: Any, data: Any, size: int) -> int:
-        try:
-            raw = ctypes.string_at(data, size)
-            rec = self._decoder.decode(raw)
-            if rec is not None:
-                self._records.append(LsmRecord(rec, bool(raw[3] & F_EPERM)))
-        except Exception:  # the decoder counts bad records; this guards the C callback
-            self._decoder.stats.short += 1
-        return 0
-
-    def poll(self, timeout_ms: int) -> List[LsmRecord]:
-        """Wait up to ``timeout_ms`` for a wake-up, then drain every record (cache hits are
-        submitted without a wake-up, so call this at least every ~100 ms)."""
-        if self._bpf is None:
-            raise SensorUnavailable(self.backend, "sensor is closed")
-        self._decoder.realtime_offset_ns = _realtime_offset()
-        self._bpf.ring_buffer_poll(int(timeout_ms))
-        self._bpf.ring_buffer_consume()
-        out, self._records = self._records, []
-        return out
-
-    @contextlib.contextmanager
-    def _map_op(self, operation: str) -> Iterator[None]:
-        if self._bpf is None:
-            raise SensorMapError(self.backend, operation, "sensor is closed")
-        try:
-            yield
-        except KeyError:
-            raise
-        except Exception as exc:  # BCC: E2BIG when full, EBADF when closed
-            raise SensorMapError(self.backend, operation, str(exc)) from exc
-
-    def _key(self, identity: FileIdentity) -> Any:
-        return self._verdicts.Key(ino=identity.ino, dev=st_dev_to_kernel_dev(identity.dev))
-
-    def set_verdict(self, identity: FileIdentity, allow: bool) -> None:
-        """A verdict for this exact file version (dev, ino, ctime ns, size)."""
-        leaf = self._verdicts.Leaf(ctime_ns=identity.ctime_ns, size=identity.size,
-                                   verdict=VERDICT_ALLOW if allow else VERDICT_DENY)
-        with self._map_op("set_verdict"):
-            self._verdicts[self._key(identity)] = leaf
-
-    def verdict(self, identity: FileIdentity) -> Optional[bool]:
-        """The map's verdict for this exact version: True/False, None when absent or stale."""
-        with self._map_op("verdict"):
-            try:
-                leaf = self._verdicts[self._key(identity)]
-            except KeyError:
-                return None
-        if (leaf.ctime_ns, leaf.size) != (identity.ctime_ns, identity.size):
-            return None
-        return bool(leaf.verdict == VERDICT_ALLOW)
-
-    def forget(self, identity: FileIdentity) -> None:
-        with self._map_op("forget"), contextlib.suppress(KeyError):
-            del self._verdicts[self._key(identity)]
-
-    def clear_verdicts(self) -> int:
-        """Drop every verdict (a policy reload: none decided under the old policy stands).
-        Returns how many were dropped; an exec racing this sees its file as unknown."""
-        dropped = 0
-        with self._map_op("clear_verdicts"):
-            for key in list(self._verdicts.keys()):
-                with contextlib.suppress(KeyError):
-                    del self._verdicts[key]
-                    dropped += 1
-        return dropped
-
-    def add_scope_dev(self, st_dev: int) -> None:
-        """Enforce on every file of this filesystem (``stat().st_dev``); add only devices
-        whose every executable is in the policy's scope (a dedicated mount or tmpfs)."""
-        kdev = st_dev_to_kernel_dev(st_dev)
-        with self._map_op("add_scope_dev"):
-            self._scope[ctypes.c_uint32(kdev)] = ctypes.c_uint32(1)
-        self._scope_devs.add(st_dev)
-
-    def remove_scope_dev(self, st_dev: int) -> None:
-        kdev = st_dev_to_kernel_dev(st_dev)
-        with self._map_op("remove_scope_dev"), contextlib.suppress(KeyError):
-            del self._scope[ctypes.c_uint32(kdev)]
-        self._scope_devs.discard(st_dev)
-
-    @property
-    def scope(self) -> FrozenSet[int]:
-        return frozenset(self._scope_devs)
-
-    def set_mode(self, *, enforce: bool, deny_unknown: bool) -> None:
-        """enforce: deny verdicts in scope get EPERM. deny_unknown: so do unknown files."""
-        flags = (CFG_ENFORCE if enforce else 0) | (CFG_DENY_UNKNOWN if deny_unknown else 0)
-        with self._map_op("set_mode"):
-            self._config[ctypes.c_int(0)] = self._config.Leaf(flags=flags)
-        self._mode = (enforce, deny_unknown)
-
-    @property
-    def mode(self) -> Tuple[bool, bool]:
-        return self._mode
+    def _wrap(self, raw: bytes, rec: ExecRecord) -> LsmRecord:
+        return LsmRecord(rec, bool(raw[3] & F_EPERM))
 
     def stats(self) -> LsmStats:
-        if self._bpf is None:
-            k = dict.fromkeys(STAT_NAMES, 0)
-        else:
-            k = {n: int(self._stats.sum(ctypes.c_int(i)).value)
-                 for i, n in enumerate(STAT_NAMES)}
+        k = self.counters()
         d = self._decoder.stats
         return LsmStats(k["execs"], k["in_scope"], k["denied"], k["invalidated"], k["drops"],
-                        d.decoded, d.short, d.unknown_op)
-
-
-def _realtime_offset() -> int:
-    return time.clock_gettime_ns(time.CLOCK_REALTIME) - time.clock_gettime_ns(
-        time.CLOCK_BOOTTIME)
+                        d.decoded, d.short, d.unknown_op, k["maps"], k["maps_denied"],
+                        k["loader_denied"], k["mounts_refused"], k["ptrace_refused"],
+                        k["epochs"])

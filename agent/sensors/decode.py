@@ -18,6 +18,17 @@ from agent.decision import ExecEvent, FileIdentity
 EG_MSG_EXEC = 1
 COMM_LEN = 16
 
+
+class Op(IntEnum):
+    """What a record reports (``enum eg_msg_op``); all share the exec record's layout."""
+
+    EXEC = 1
+    MMAP = 2  # a file mapped with PROT_EXEC (aux: prot)
+    MPROTECT = 3  # PROT_EXEC added to a file mapping (aux: prot)
+    MOUNT = 4  # a mount onto a path in scope was refused (aux: mount flags)
+    PTRACE = 5  # a ptrace attach to a program in scope was refused (aux: target tgid)
+
+
 # struct eg_exec_event up to (not including) comm; path follows comm, NUL-terminated.
 # uid and gid are the exec'ing task's real ids (bpf_get_current_uid_gid), not euid/egid.
 EXEC_HEAD = struct.Struct("<BBBBi6I4Q")
@@ -30,6 +41,7 @@ EXEC_FIELDS = {
 }  # fmt: skip
 
 F_IN_SCOPE, F_DENIED, F_READ_ERR = 0x01, 0x02, 0x04
+F_LOADER, F_PATHLESS, F_FRESH, F_WRITERS = 0x10, 0x20, 0x40, 0x80  # bpf-lsm and fmod-ret
 AUID_UNSET = 0xFFFFFFFF
 _MINORBITS = 20
 
@@ -62,6 +74,12 @@ class ExecRecord:
     denied: bool  # the kernel's rules deny it (killed only when in scope and kill is on)
     kill_errno: int  # bpf_send_signal's error, 0 when none
     read_error: bool  # a kernel read failed: identity fields may be 0, never trust them
+    op: Op = Op.EXEC
+    aux: int = 0  # per op: prot, mount flags, the ptrace target's tgid
+    loader: bool = False  # a dynamic loader run as a program
+    pathless: bool = False  # the file has no name (memfd, O_TMPFILE, deleted)
+    fresh: bool = False  # changed since the agent started, or on a filesystem new since
+    writers: bool = False  # open for write when it was mapped
 
 
 def kernel_dev_to_st_dev(kdev: int) -> int:
@@ -110,7 +128,7 @@ class RecordDecoder:
         self.realtime_offset_ns = realtime_offset_ns
         self.backend = backend
         self.stats = DecodeStats()
-        self._ops: Dict[int, Callable[[bytes], ExecRecord]] = {EG_MSG_EXEC: self._exec}
+        self._ops: Dict[int, Callable[[bytes], ExecRecord]] = {op.value: self._exec for op in Op}
 
     def decode(self, data: bytes) -> Optional[ExecRecord]:
         """The record, or None (counted) when it is empty, short or of an unknown kind."""
@@ -131,7 +149,7 @@ class RecordDecoder:
         return rec
 
     def _exec(self, data: bytes) -> ExecRecord:
-        (_op, state, action, flags, kill_err, pid, ppid, uid, auid, kdev, gid,
+        (op, state, action, flags, kill_err, pid, ppid, uid, auid, kdev, gid,
          ino, ctime_ns, size, boot_ns) = EXEC_HEAD.unpack_from(data, 0)  # fmt: skip
         comm = _cstr(data[EXEC_HEAD.size : EXEC_MIN_LEN])
         path = _cstr(data[EXEC_MIN_LEN:])
@@ -154,6 +172,12 @@ class RecordDecoder:
             action=_action(action),
             in_scope=bool(flags & F_IN_SCOPE),
             denied=bool(flags & F_DENIED),
-            kill_errno=-kill_err if kill_err < 0 else kill_err,
+            kill_errno=(-kill_err if kill_err < 0 else kill_err) if op == Op.EXEC else 0,
             read_error=bool(flags & F_READ_ERR),
+            op=Op(op),
+            aux=kill_err if op != Op.EXEC else 0,
+            loader=bool(flags & F_LOADER),
+            pathless=bool(flags & F_PATHLESS),
+            fresh=bool(flags & F_FRESH),
+            writers=bool(flags & F_WRITERS),
         )

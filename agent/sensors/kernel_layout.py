@@ -176,14 +176,20 @@ def exec_sensor_offsets(btf: Btf) -> Dict[str, int]:
         if loginuid.size != 4:
             raise LayoutError(f"{btf.source}: task_struct.loginuid is {loginuid.size} bytes")
         out["EG_OFF_TASK_LOGINUID"] = loginuid.offset
-    # ctime: 6.11+ keeps seconds and nanoseconds apart; older kernels a timespec64.
-    sec = btf.field("inode", "i_ctime_sec")
-    if sec is not None:
-        nsec = btf.require("inode", "i_ctime_nsec", 4, 8)
-    else:
-        ts = btf.field("inode", "__i_ctime") or btf.require("inode", "i_ctime", 16)
-        sec, nsec = Field(ts.offset, 8), Field(ts.offset + 8, 8)
-    out["EG_OFF_INODE_CTIME_SEC"] = sec.offset
-    out["EG_OFF_INODE_CTIME_NSEC"] = nsec.offset
-    out["EG_SZ_INODE_CTIME_NSEC"] = nsec.size
+    out.update(inode_time_offsets(btf, "ctime"))
     return out
+
+
+def inode_time_offsets(btf: Btf, which: str) -> Dict[str, int]:
+    """``EG_OFF_INODE_<WHICH>_SEC``/``_NSEC`` and ``EG_SZ_INODE_<WHICH>_NSEC`` for ``ctime``
+    or ``mtime``: 6.11+ keeps seconds and nanoseconds apart, 6.6-6.10 call the timespec64
+    ``__i_<which>``, older kernels ``i_<which>``."""
+    sec = btf.field("inode", f"i_{which}_sec")
+    if sec is not None:
+        nsec = btf.require("inode", f"i_{which}_nsec", 4, 8)
+    else:
+        ts = btf.field("inode", f"__i_{which}") or btf.require("inode", f"i_{which}", 16)
+        sec, nsec = Field(ts.offset, 8), Field(ts.offset + 8, 8)
+    up = which.upper()
+    return {f"EG_OFF_INODE_{up}_SEC": sec.offset, f"EG_OFF_INODE_{up}_NSEC": nsec.offset,
+            f"EG_SZ_INODE_{up}_NSEC": nsec.size}

@@ -15,6 +15,8 @@ import subprocess
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, NamedTuple, Tuple
 
+from agent import registry
+from agent.registry import AUDIT_ONLY as AUDIT_ONLY
 from agent.sensors import fanotify_sys
 
 
@@ -43,28 +45,11 @@ class Choice:
         return self.backend is not None and self.backend != AUDIT_ONLY
 
 
-AUDIT_ONLY = "audit-only"
-
-# Preference order (decision 5) and the probes each backend needs, all of which must be ok.
-BACKENDS: Tuple[Tuple[str, Tuple[str, ...], str], ...] = (
-    ("bpf-lsm", ("btf", "lsm", "bpf-lsm"), "LSM hook on bprm_check_security denies with EPERM"),
-    (
-        "fmod-ret",
-        ("btf", "fmod-ret"),
-        "fmod_ret on security_bprm_check denies with EPERM (a tracing program: needs no bpf "
-        "in lsm=)",
-    ),
-    ("fanotify-exec", ("fanotify-exec",), "FAN_OPEN_EXEC_PERM answers each exec synchronously"),
-    (
-        "fanotify-open",
-        ("fanotify-open",),
-        "FAN_OPEN_PERM: exec cannot be told from read, so plain opens of unsigned Go "
-        "binaries are denied too",
-    ),
-    ("kill", ("send-signal",), "sched_process_exec + bpf_send_signal(SIGKILL) after exec"),
-    (AUDIT_ONLY, (), "records would-deny decisions and blocks nothing"),
-)
-BACKEND_NAMES: Tuple[str, ...] = tuple(b[0] for b in BACKENDS)
+# Preference order (decision 5) and the probes each backend needs, all of which must be ok:
+# agent/registry.py, the one table the agent's start-up order comes from too.
+BACKENDS: Tuple[Tuple[str, Tuple[str, ...], str], ...] = tuple(
+    (b.name, b.needs, b.what) for b in registry.BACKENDS)
+BACKEND_NAMES: Tuple[str, ...] = registry.NAMES
 
 
 def _missing(probes: Mapping[str, ProbeResult], needs: Tuple[str, ...]) -> List[str]:

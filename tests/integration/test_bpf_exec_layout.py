@@ -69,5 +69,8 @@ def test_decoder_reads_a_record_packed_by_ctypes(layout: bcc.BPF) -> None:
 def test_verdict_key_and_value_have_no_hidden_padding(layout: bcc.BPF) -> None:
     tbl = layout[b"verdict"]
     assert ctypes.sizeof(tbl.Key) == 16 and (tbl.Key.ino.offset, tbl.Key.dev.offset) == (0, 8)
-    assert ctypes.sizeof(tbl.Leaf) == 24 and tbl.Leaf.verdict.offset == 16
+    leaf = tbl.Leaf  # struct eg_verdict: what BpfSensor.set_verdict fills by name
+    assert ctypes.sizeof(leaf) == 40
+    assert (leaf.ctime_ns.offset, leaf.size.offset, leaf.verdict.offset, leaf.epoch.offset,
+            leaf.mtime_ns.offset, leaf.flags.offset) == (0, 8, 16, 20, 24, 32)
     assert ctypes.sizeof(layout[b"cfg"].Leaf) == struct.calcsize("<II")

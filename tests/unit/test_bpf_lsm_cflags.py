@@ -12,6 +12,8 @@ from typing import List, Tuple
 
 import pytest
 
+from agent.sensors.bpf.build import LOAD_PROBE_READ
+from agent.sensors.bpf.build import program_text as kill_program_text
 from agent.sensors.bpf_exec import BPF_DIR, SensorConfig
 from agent.sensors.bpf_exec import build_cflags as exec_build_cflags
 from agent.sensors.bpf_fmod_ret import fmod_ret_offsets
@@ -104,7 +106,7 @@ def compiled_ir(source: str, cflags: List[str]) -> Tuple[str, str]:
         loaded = None
         try:
             text = program_text(source) if source != "exec_sensor.c" else \
-                Path(BPF_DIR, source).read_text()
+                kill_program_text(source, "kill", LOAD_PROBE_READ)
             loaded = bcc.BPF(text=text.encode(), cflags=cflags, debug=bcc.DEBUG_LLVM_IR)
         except Exception as exc:  # BCC raises bare Exception
             failure = str(exc)

@@ -118,3 +118,53 @@ def test_policy_reload_rebinds_the_cache(tmp_path: Path, material: Material) -> 
 @pytest.fixture
 def material(material_fixture: Material) -> Material:  # noqa: F811
     return material_fixture
+
+
+def test_out_of_fds_is_an_io_error_never_a_cached_verdict(tmp_path: Path, material: Material,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    """A signature file that cannot be opened for want of fds (EMFILE) says nothing about
+    the file: the decision fails as an I/O error and nothing is cached, so the signed file
+    runs as soon as fds are back (issue 9: no grudge from an fd shortage)."""
+    import errno
+
+    from agent.verify import discovery
+
+    decider, scope = make(tmp_path, material, "enforce")
+    binary = copy_signed(material.bins["app"], scope, material.private["a"])
+    real_open = os.open
+
+    def no_fds(path: object, flags: int, *args: object, **kwargs: object) -> int:
+        if str(path).endswith(".sig"):
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_open(path, flags, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(discovery.os, "open", no_fds)
+    d = run(decider, binary)
+    assert not d.allow and d.reason is Reason.VERIFY_FAILED
+    assert "short of resources" in d.detail
+    assert decider.cache.stats().entries == 0
+    monkeypatch.setattr(discovery.os, "open", real_open)
+    assert run(decider, binary).allow
+
+
+def test_a_file_placed_in_scope_under_another_namespaces_path_is_judged(
+        tmp_path: Path, material: Material) -> None:
+    """A file the caller placed in scope whose rules path is one another namespace chose
+    (``Placement.judged_path``: under UNPLACED, matched by no scope glob) is judged as
+    everywhere-scoped, never allowed as "outside the policy's scopes" (the way
+    ``proc-root-other-ns`` ran on fanotify-exec and kill when only ``event.path`` was
+    looked at)."""
+    import dataclasses
+
+    from agent.scope.live import UNPLACED
+
+    decider, scope = make(tmp_path, material, "enforce")
+    binary = copy_signed(material.bins["app"], scope, None)
+    event, fd = event_for(binary)
+    try:
+        event = dataclasses.replace(event, rules_path=UNPLACED + "/proc/1/root" + str(binary))
+        d = decider.decide(event, fd, Enforcement.FANOTIFY_DENY, in_scope=True)
+    finally:
+        os.close(fd)
+    assert not d.allow and d.reason is Reason.NO_SIGNATURE
