@@ -7,6 +7,7 @@ before anything is read: only uid 0 (or the agent's own uid) may ask.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import socket
@@ -17,6 +18,7 @@ from typing import Any, Callable, Dict, Optional
 
 DEFAULT_SOCKET = "/run/execguard/control.sock"
 MAX_REQUEST = 4096
+ACCEPT_BACKOFF_S = 0.1
 
 Handler = Callable[[Dict[str, Any]], Dict[str, Any]]
 
@@ -50,6 +52,7 @@ class ControlServer:
             os.umask(old)
         self.sock.listen(8)
         self._stop = threading.Event()
+        self.accept_errors = 0
         self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
 
     def start(self) -> None:
@@ -59,8 +62,14 @@ class ControlServer:
         while not self._stop.is_set():
             try:
                 conn, _ = self.sock.accept()
-            except OSError:
-                return  # closed
+            except OSError as exc:
+                if self._stop.is_set() or exc.errno in (errno.EBADF, errno.EINVAL):
+                    return  # closed
+                # EMFILE, ENFILE, ENOMEM: the connection waits in the backlog; the server
+                # lives on, so status answers again once the agent has fds to spare
+                self.accept_errors += 1
+                self._stop.wait(ACCEPT_BACKOFF_S)
+                continue
             with conn:
                 conn.settimeout(2.0)
                 try:

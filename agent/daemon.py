@@ -24,6 +24,8 @@ from agent.control import ControlError, ControlServer, socket_path
 from agent.decide import Decider
 from agent.decision import Decision, Enforcement
 from agent.errors import ExecguardError
+from agent.fdlimit import raise_fd_limit
+from agent.fdlimit import status_section as fd_limit_section
 from agent.metrics.config import MetricsConfig, check_config
 from agent.metrics.tally import DecisionTally
 from agent.policy import Mode, PolicySnapshot, PolicyStore, apply_overrides, default_policy
@@ -32,6 +34,7 @@ from agent.prewarm import Prewarmer
 from agent.record import Recorder, RecorderConfig
 from agent.record.audit_format import agent_start, agent_stop, backend_selected, policy_loaded
 from agent.service.watchdog import ServiceLink
+from agent.writers import ignore_lease_signals
 
 FLUSH_EVERY_S = 30.0
 
@@ -144,6 +147,7 @@ class Agent:
         self.decider: Decider  # made in start(), once the cache is loaded
         self._stop = threading.Event()
         self._reload = threading.Event()
+        self._next_status = self._next_flush = 0.0  # main loop timers (run)
         # control-socket verbs: each feature registers its own (status, policy-apply, ...)
         self.commands: Dict[str, Callable[[Dict[str, Any]], Dict[str, Any]]] = {
             "status": self.status}
@@ -229,6 +233,10 @@ class Agent:
         snap = self.snapshot
         for directory, mode in ((snap.state_dir, 0o700), (snap.log_dir, 0o750)):
             os.makedirs(directory, mode=mode, exist_ok=True)
+        limit = raise_fd_limit()  # each exec waiting for a decision holds an fd
+        self.status_sections.append(fd_limit_section(limit))
+        if limit.error is not None:
+            self.say(f"WARNING: fd limit stays {limit.soft_at_start}: {limit.error}")
         self.recorder = Recorder(RecorderConfig(snap.log_dir, audit=self.opts.audit))
         self.recorder.start()
         self.recorder.agent_event(agent_start(__version__, snap.mode.value, os.getpid()))
@@ -238,7 +246,7 @@ class Agent:
                              binding_for(snap.verdict_digest, snap.trust_digest))
         report = cache.load()
         self.status_state.warnings.extend(report.warnings)
-        for warning in report.warnings:
+        for warning in (*snap.warnings, *report.warnings):  # status shows snap's as well
             self.say(f"WARNING: {warning}")
         self.decider = Decider(PolicyStore(snap), cache)
         from agent.breakglass.overlay import register as register_breakglass
@@ -256,12 +264,18 @@ class Agent:
         if rearm is not None:  # the kernel's copy of mode and allows follows every swap
             self.policy_hooks.append(rearm)
         if self.opts.prewarm and self.runner is not None:
+            # a complete scan lets the BPF backends refuse a mapping of a file without a
+            # verdict (docs/threat-model.md, "Beyond execve")
             self.prewarmer = Prewarmer(self.decider, self.runner.remember,
-                                       skip=(snap.state_dir, snap.log_dir))
+                                       skip=(snap.state_dir, snap.log_dir),
+                                       on_scan_done=getattr(self.runner, "prescan_done", None))
             try:
                 self.prewarmer.start(snap.scope_roots())
             except OSError as exc:
                 self.status_state.warnings.append(f"close-after-write watch unavailable: {exc}")
+            # after a swap the kernel maps are empty: verify the scope again
+            prewarmer = self.prewarmer
+            self.policy_hooks.append(lambda s: prewarmer.rescan(s.scope_roots()))
         self.service.ready()  # last: READY=1 and the watchdog, once a backend runs
 
     def _start_backend(self) -> None:
@@ -340,6 +354,8 @@ class Agent:
         self.recorder.agent_event(policy_loaded(snap.version, snap.digest, snap.source,
                                                 snap.mode.value))
         self.say(f"policy reloaded: version {snap.version} digest {snap.digest[:12]}")
+        for warning in snap.warnings:
+            self.say(f"WARNING: {warning}")
 
     def stop(self, why: str) -> None:
         self.service.stopping(why)  # STOPPING=1 first: systemd waits, not restarts
@@ -359,35 +375,20 @@ class Agent:
         self.console.close()
 
     def run(self) -> int:
+        ignore_lease_signals()  # before any thread checks a file for writers (agent/writers.py)
         signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
         signal.signal(signal.SIGINT, lambda *_: self._stop.set())
         signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
         why = "stopped by signal"
         try:
             self.start()
-            next_status = time.monotonic() + self.opts.status_interval
-            next_flush = time.monotonic() + FLUSH_EVERY_S
+            self._next_status = time.monotonic() + self.opts.status_interval
+            self._next_flush = time.monotonic() + FLUSH_EVERY_S
             while not self._stop.wait(0.2):
-                now = time.monotonic()
-                if self._reload.is_set():
-                    self._reload.clear()
-                    try:
-                        self.reload()
-                    except Exception as exc:  # a reload bug must not stop enforcement
-                        self.say(f"WARNING: policy reload failed, the current policy stays: "
-                                 f"{exc!r}")
-                        self.status_state.warnings.append(f"policy reload failed: {exc!r}")
-                if self.opts.status_interval > 0 and now >= next_status:
-                    self.console.line(self.status_line())
-                    next_status = now + self.opts.status_interval
-                if now >= next_flush:
-                    self.decider.cache.flush()
-                    next_flush = now + FLUSH_EVERY_S
-                for tick in self.tickers:
-                    try:
-                        tick(now)
-                    except Exception as exc:  # one feature's bug must not stop decisions
-                        self.say(f"WARNING: {getattr(tick, '__qualname__', tick)}: {exc!r}")
+                try:
+                    self._turn(time.monotonic())
+                except Exception as exc:  # last resort (EMFILE, a bug): the agent lives on
+                    self.say(f"WARNING: main loop: {exc!r}")
         except (BackendUnavailable, ControlError, ExecguardError, OSError) as exc:
             why = f"failed: {exc}"
             print(f"execguard run: {exc}", file=sys.stderr)
@@ -395,3 +396,24 @@ class Agent:
         finally:
             self.stop(why)
         return 0
+
+    def _turn(self, now: float) -> None:
+        """One turn of the main loop: a reload, the status line, the cache flush, tickers."""
+        if self._reload.is_set():
+            self._reload.clear()
+            try:
+                self.reload()
+            except Exception as exc:  # a reload bug must not stop enforcement
+                self.say(f"WARNING: policy reload failed, the current policy stays: {exc!r}")
+                self.status_state.warnings.append(f"policy reload failed: {exc!r}")
+        if self.opts.status_interval > 0 and now >= self._next_status:
+            self._next_status = now + self.opts.status_interval
+            self.console.line(self.status_line())
+        if now >= self._next_flush:
+            self._next_flush = now + FLUSH_EVERY_S
+            self.decider.cache.flush()
+        for tick in self.tickers:
+            try:
+                tick(now)
+            except Exception as exc:  # one feature's bug must not stop decisions
+                self.say(f"WARNING: {getattr(tick, '__qualname__', tick)}: {exc!r}")

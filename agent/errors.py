@@ -26,6 +26,12 @@ class Reason(str, Enum):
     VERIFY_FAILED = "verify-failed"  # verification could not run (I/O error, verifier bug)
     UNVERIFIED = "unverified"  # enforce mode denied a binary before it could be verified
     DECISION_TIMEOUT = "decision-timeout"  # no decision within the deadline: on_timeout applied
+    # the exec boundary beyond execve (docs/threat-model.md)
+    LOADER_EXEC = "loader-exec"  # a dynamic loader run as a program (ld.so ./prog)
+    NO_PATH = "no-path"  # an exec or mapping of a file with no name (memfd, O_TMPFILE, deleted)
+    MOUNT_INTO_SCOPE = "mount-into-scope"  # a mount onto a path in scope, refused
+    PTRACE_INTO_SCOPE = "ptrace-into-scope"  # a ptrace attach to a program in scope, refused
+    OPEN_FOR_WRITE = "open-for-write"  # mapped executable while open for write: bytes may change
 
 
 class ExecguardError(Exception):

@@ -60,15 +60,28 @@ def build_target(workdir: str) -> Tuple[str, str]:
 
 @contextlib.contextmanager
 def mounted(fstype: str, prefix: str) -> Iterator[str]:
+    """A filesystem of the bench's own: tmpfs, ramfs, or ext4 on a loop-mounted image (a
+    disk filesystem whose stamps follow every write: fanotify-exec needs no write guard
+    there, docs/fanotify.md)."""
     where = tempfile.mkdtemp(prefix=prefix)
-    opts = "size=64m,mode=0755" if fstype == "tmpfs" else "mode=0755"
-    subprocess.run(["mount", "-t", fstype, "-o", opts, f"eg-bench-{fstype}", where],
-                   check=True, capture_output=True, timeout=10)
+    image = where + ".img"
+    if fstype == "ext4":
+        subprocess.run(["truncate", "-s", "64M", image], check=True, timeout=10)
+        subprocess.run(["mkfs.ext4", "-q", "-F", image], check=True, capture_output=True,
+                       timeout=60)
+        argv = ["mount", "-o", "loop", image, where]
+    else:
+        opts = "size=64m,mode=0755" if fstype == "tmpfs" else "mode=0755"
+        argv = ["mount", "-t", fstype, "-o", opts, f"eg-bench-{fstype}", where]
+    subprocess.run(argv, check=True, capture_output=True, timeout=10)
     try:
+        os.chmod(where, 0o755)
         yield where
     finally:
         subprocess.run(["umount", "-l", where], capture_output=True, timeout=10)
         os.rmdir(where)
+        if os.path.exists(image):
+            os.unlink(image)
 
 
 def place(binary: str, directory: str) -> str:
@@ -217,7 +230,9 @@ class Daemon:
 
 @contextlib.contextmanager
 def agent_running(work: str, backend: str, mode: str, scope: str, key: str,
-                  extra: Sequence[str] = (), ready_s: float = 120.0) -> Iterator[Daemon]:
+                  extra: Sequence[str] = (), ready_s: float = 120.0,
+                  repo: str = REPO) -> Iterator[Daemon]:
+    """The agent of the checkout at ``repo`` (another one: a before/after comparison)."""
     state = tempfile.mkdtemp(prefix="state-", dir=work)
     logs = tempfile.mkdtemp(prefix="log-", dir=work)
     cmd = [sys.executable, "-m", "agent", "run", "--state-dir", state, "--log-dir", logs,
@@ -225,7 +240,7 @@ def agent_running(work: str, backend: str, mode: str, scope: str, key: str,
            "--scope", scope, "--key", key, "--backend", backend, *extra]
     out = os.path.join(logs, "agent.out")
     with open(out, "wb") as fh:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, cwd=repo, stdout=fh, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     daemon = Daemon(proc, f"{backend}/{mode}")
     daemon.info = {"socket": os.path.join(state, "control.sock"),

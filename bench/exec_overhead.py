@@ -12,6 +12,11 @@ before it, and the order of conditions rotates every round. Figures per conditio
 - ``cpu_us_per_exec``: utime+stime of the daemon's process group over the timed loop,
   divided by all execs of the loop (M and R), and its RSS.
 
+``--scope-fs ext4`` puts M on a loop-mounted ext4 instead of a tmpfs (fanotify-exec keeps
+ignore marks only on filesystems it write-guards, tmpfs among them: docs/fanotify.md), and
+``--baseline-tree DIR`` runs every agent condition also from another checkout
+(``BACKEND/MODE@baseline``), in the same rounds: a before/after comparison.
+
 Safety: nothing enforces outside M; every exec and every open probe has a stall guard that
 SIGKILLs the daemon (then the exec's child) if one waits past ``--stall-s``. fapolicyd runs
 in the foreground, permissive, watching tmpfs only, under a deadline, and is stopped in
@@ -38,6 +43,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from exec_harness import (
+    REPO,
     ControlError,
     Daemon,
     StallGuard,
@@ -53,6 +59,7 @@ from exec_harness import (
 )
 
 BACKENDS = ("fanotify-exec", "kill", "audit-only")
+BASELINE = "baseline"  # BACKEND/MODE@baseline: the agent of --baseline-tree
 
 
 FAPD_CONF = """permissive = 1
@@ -188,8 +195,11 @@ def visit(cond: str, ctx: Dict[str, Any], guard: StallGuard) -> Dict[str, Any]:
     if cond == "fapolicyd":
         with fapolicyd_running(ctx["work"], m, args.fapd_deadline) as daemon:
             return measure(daemon)
-    backend, mode = cond.split("/")
-    with agent_running(ctx["work"], backend, mode, os.path.dirname(m), ctx["key"]) as daemon:
+    name, _, tree = cond.partition("@")
+    backend, mode = name.split("/")
+    repo = ctx["args"].baseline_tree if tree == BASELINE else REPO
+    with agent_running(ctx["work"], backend, mode, os.path.dirname(m), ctx["key"],
+                       repo=repo) as daemon:
         guard.victims = [daemon.pgid]
         exec_block(m, 1, guard)  # the first exec verifies and fills the cache
         wait_decisions(daemon.info["log"], m, 1)
@@ -235,7 +245,8 @@ def summarise(rounds: List[Dict[str, Dict[str, Any]]], conds: Sequence[str]
             "decisions": last.get("decisions", {}).get("decisions"),
             "sensor": {k: v for k, v in last.get("sensor", {}).items()
                        if k in ("events", "allowed", "ignore_marks", "records", "kernel_hits",
-                                "decided", "sensor")},
+                                "decided", "sensor", "cached", "opened", "marked_filesystems",
+                                "marked_inodes")},
             "errors": [rd[cond]["error"] for rd in rounds if "error" in rd.get(cond, {})],
         }
     return out
@@ -251,10 +262,17 @@ def main() -> None:
     ap.add_argument("--no-fapolicyd", action="store_true")
     ap.add_argument("--stall-s", type=float, default=5.0)
     ap.add_argument("--fapd-deadline", type=float, default=120.0)
+    ap.add_argument("--scope-fs", choices=("tmpfs", "ext4"), default="tmpfs",
+                    help="the filesystem of M (ext4: a loop-mounted image)")
+    ap.add_argument("--baseline-tree", metavar="DIR",
+                    help="another checkout: each agent condition also runs from it "
+                    "(BACKEND/MODE@baseline), in the same rounds")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("exec_overhead: run as root (mounts, fanotify, BPF)")
     conds = [f"{b}/{m}" for b in args.backends.split(",") for m in ("monitor", "enforce")]
+    if args.baseline_tree:
+        conds += [f"{c}@{BASELINE}" for c in conds]
     fapd_version = None
     if not args.no_fapolicyd:
         fapd_version = ensure_fapolicyd()
@@ -264,7 +282,8 @@ def main() -> None:
     gc.disable()  # no collector pauses inside timed blocks
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="eg-execbench-") as work, \
-            mounted("tmpfs", "eg-bench-M-") as mdir, mounted("ramfs", "eg-bench-R-") as rdir:
+            mounted(args.scope_fs, "eg-bench-M-") as mdir, \
+            mounted("ramfs", "eg-bench-R-") as rdir:
         binary, key = build_target(work)
         ctx = {"M": place(binary, mdir), "R": place(binary, rdir), "key": key, "work": work,
                "args": args}
@@ -289,6 +308,7 @@ def main() -> None:
         "machine": f"{platform.machine()} {os.cpu_count()} cpus kernel {platform.release()}",
         "python": platform.python_version(), "fapolicyd": fapd_version,
         "target": f"static Go binary, func main(){{}}, {size} bytes, signed (.sig, P-256)",
+        "scope_fs": args.scope_fs, "baseline_tree": args.baseline_tree,
         "rounds": args.rounds, "blocks": args.blocks, "block": args.block,
         "execs_per_visit": 2 * args.blocks * args.block,
         "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime(started)),

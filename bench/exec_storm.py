@@ -10,8 +10,10 @@ For each backend (default ``fanotify-exec`` and ``kill``), in enforce mode with 
 2. *paced*: workers share a fixed total rate (``--rate``, default 1,000 execs/s) for
    ``--paced-seconds``; reported: the achieved rate and the agent's CPU as % of one core.
 
-With ``fanotify-exec`` an allowed file gets an ignore mark, so after the first exec of each
-copy the kernel stops asking: decision records are one per file, not one per exec. With
+With ``fanotify-exec`` an allowed file on this tmpfs gets an ignore mark (removed at every
+open for write), so after the first exec of each copy the kernel stops asking about the
+exec (each still costs one open event of the write guard): decision records are one per
+file, not one per exec. With
 ``kill`` the BPF sensor sees every exec, and each one in scope is recorded.
 """
 

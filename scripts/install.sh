@@ -60,6 +60,7 @@ do_install() {
     fi
     install -D -m 0644 packaging/execguard.default "$DESTDIR$DOCDIR/execguard.default"
     install -D -m 0644 docs/service.md "$DESTDIR$DOCDIR/service.md"
+    install -D -m 0644 packaging/policy-enforce.toml "$DESTDIR$DOCDIR/policy-enforce.toml"
     install -d -m 0755 "$DESTDIR$SYSCONFDIR/execguard/keys"
     if manager; then
         systemctl daemon-reload

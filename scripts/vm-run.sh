@@ -15,6 +15,10 @@ OUT=$(mkdir -p "$RESULTS/vm" && cd "$RESULTS/vm" && pwd)
 BOOT_DEADLINE=${EG_VM_BOOT_DEADLINE:-2400}  # seconds per boot, suite included (3 runs in boot 1)
 MEMORY=${EG_VM_MEMORY:-2G}
 PHASES=${EG_VM_PHASES:-runtime boot}
+# Development only (the README's make test sets neither): a subset of tests/vm, and of the
+# runtime phase's lockdown modes, e.g. EG_VM_TESTS=tests/vm/test_attacks_vm.py
+# EG_VM_RUNTIME_MODES=none EG_VM_PHASES=runtime make vm-test
+RUNTIME_MODES=${EG_VM_RUNTIME_MODES:-none integrity confidentiality}
 
 log() { printf 'vm-run: %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -31,6 +35,9 @@ fi
 
 rm -rf "${OUT:?}"/*
 mkdir -p "$OUT/fixtures"
+# the guest sees no host environment: the selection travels in the shared results dir
+printf 'EG_VM_TESTS=%q\nEG_VM_RUNTIME_MODES=%q\n' "${EG_VM_TESTS:-tests/vm}" "$RUNTIME_MODES" \
+    >"$OUT/selection.env"
 log "building the Go and key fixtures on the host (Go crawls under TCG)"
 "$VENV/bin/python" -m tests.vm.guest_env prebuild "$OUT/fixtures" >/dev/null \
     || die "prebuilding the VM fixtures failed"
@@ -53,7 +60,8 @@ total_start=$(date +%s)
 labels=()
 for phase in $PHASES; do
     case "$phase" in
-        runtime) boot runtime ""; labels+=(none integrity confidentiality) ;;
+        # shellcheck disable=SC2206  # a list of words
+        runtime) boot runtime ""; labels+=($RUNTIME_MODES) ;;
         boot) boot boot "lockdown=confidentiality"; labels+=(confidentiality-boot) ;;
         *) die "unknown phase $phase (EG_VM_PHASES: runtime boot)" ;;
     esac

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional
@@ -125,4 +126,7 @@ def copy_signed(bin_: GoBin, dest: Path, key: Optional[Path]) -> Path:
     shutil.copy2(bin_.path, target)
     if key is not None:
         sign(target, key)
+    # settled, as a deployed file is: the agent does not cache a verdict for a file changed
+    # within the last clock ticks (agent/decide.py SETTLE_NS), and tests count cache hits
+    time.sleep(0.03)
     return target

@@ -14,6 +14,7 @@ import textwrap
 import time
 from typing import Any, Dict, List, Mapping
 
+from agent import hardening
 from agent.cli import EXIT_ERROR, EXIT_OK, EXIT_UNTRUSTED
 from agent.sensors import bcc_probe, probe
 from agent.sensors.probe import Choice, ProbeResult
@@ -87,6 +88,7 @@ def report(
             "reasons": [r._asdict() for r in choice.reasons],
         },
         "probe_timeout_s": probe_timeout,
+        "host_settings": [h.to_json() for h in hardening.read_settings()],
         "elapsed_s": round(elapsed, 3),
     }
 
@@ -129,6 +131,12 @@ def render(rep: Dict[str, Any], choice: Choice) -> str:
         lines.append("note: not root: privileged probes report 'needs root'")
     if choice.backend == probe.AUDIT_ONLY:
         lines.append("only audit-only is possible: execguard would record, never block")
+    lines += ["", "HOST SETTING (what the backends cannot see themselves; docs/threat-model.md)"]
+    for h in rep["host_settings"]:
+        text = _wrap(f"{h['name']}: {'ok' if h['ok'] else 'OPEN'} ({h['matters_for']}): "
+                     f"{h['detail']}", 2)
+        lines.append(text[0])
+        lines.extend("  " + t for t in text[1:])
     lines.append(f"({rep['elapsed_s']:.1f} s)")
     return "\n".join(lines)
 

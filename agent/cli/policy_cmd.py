@@ -76,6 +76,21 @@ def add_parser(sub: Any) -> None:
     v.add_argument("--json", action="store_true")
     v.set_defaults(run=run_verify)
 
+    lint = verbs.add_parser("lint", help="load a policy file as the agent would; print its "
+                            "warnings",
+                            description="Validate SRC (a policy file; the embedded default "
+                            "when omitted) exactly as 'execguard run' loads it, with --mode "
+                            "applied as the run flag would, and print every warning: among "
+                            "them each rule or fallthrough through which an enforce policy "
+                            "lets executables run without a signature. Exit 0 valid and no "
+                            "warnings, 1 valid with warnings, 2 invalid or unreadable.")
+    lint.add_argument("source", metavar="SRC", nargs="?",
+                      help="policy file (TOML or JSON); default: the embedded default policy")
+    lint.add_argument("--mode", choices=("monitor", "enforce"),
+                      help="as 'execguard run --mode' (overrides the policy's mode)")
+    lint.add_argument("--json", action="store_true")
+    lint.set_defaults(run=run_lint)
+
     d = verbs.add_parser("diff", help="what changes from A to B (bundles or policy files)",
                          description="Rule-level difference: rules added, removed and "
                          "changed by id, order, mode/scopes/trust and other fields, and for "
@@ -192,11 +207,12 @@ def run_verify(args: argparse.Namespace) -> int:
         data = read_bundle_file(args.bundle)
     except (ExecguardError, ValueError) as exc:
         return _fail(args, "verify", exc)
-    check, _snap = check_bundle(data, args.bundle, pinned, args.threshold, now,
-                                args.min_version)
+    check, snap = check_bundle(data, args.bundle, pinned, args.threshold, now,
+                               args.min_version)
     out = check.to_json()
+    warnings = list(snap.warnings) if snap is not None else []
     if args.json:
-        print(json.dumps(out, sort_keys=True))
+        print(json.dumps({**out, "warnings": warnings}, sort_keys=True))
     else:
         verdict = "OK" if check.accepted else f"REJECTED ({check.reason.value})"
         print(f"{args.bundle}: {verdict}: {check.detail}")
@@ -206,7 +222,29 @@ def run_verify(args: argparse.Namespace) -> int:
         for kind in ("valid", "invalid", "unknown"):
             for keyid in out["signers"][kind]:
                 print(f"  signer {kind}: {keyid}")
+        for w in warnings:  # the policy it carries, as a host would load it
+            print(f"WARNING: {w}", file=sys.stderr)
     return EXIT_OK if check.accepted else EXIT_REJECTED
+
+
+def run_lint(args: argparse.Namespace) -> int:
+    from agent.policy import apply_overrides, default_policy, load_policy
+
+    try:
+        base = load_policy(args.source) if args.source else default_policy()
+        snap = apply_overrides(base, mode=args.mode)
+    except ExecguardError as exc:
+        return _fail(args, "lint", exc)
+    if args.json:
+        print(json.dumps({"policy": snap.source, "mode": snap.mode.value,
+                          "digest": snap.digest, "warnings": list(snap.warnings)},
+                         sort_keys=True))
+    else:
+        for w in snap.warnings:
+            print(f"{snap.source}: WARNING: {w}")
+        if not snap.warnings:
+            print(f"{snap.source}: OK ({snap.mode.value} mode, no warnings)")
+    return EXIT_REJECTED if snap.warnings else EXIT_OK
 
 
 def run_diff(args: argparse.Namespace) -> int:

@@ -22,8 +22,10 @@ def add_parser(sub: Any) -> None:
         description="Watch every exec, decide, enforce and record. Without --policy the "
         "embedded default policy applies: monitor mode, Go binaries need a signature by a key "
         "in /etc/execguard/keys/, nothing is ever blocked. The flags override the policy's "
-        "fields, so enforcement can be tried on one directory without writing a policy: "
-        "execguard run --mode enforce --scope /opt/app --key release.pub",
+        "fields, so enforcement can be tried on one directory with the shipped template, in "
+        "which every executable in scope needs a signature: execguard run --policy "
+        "packaging/policy-enforce.toml --scope /opt/app --key release.pub ('--mode enforce' "
+        "on the default policy blocks unsigned Go binaries only, and warns at start).",
         epilog="SIGHUP reloads the policy (a bad one is refused and the current one stays; "
         "it first applies the newest valid signed bundle in --policy-drop-dir, and while a "
         "bundle is in force only bundles replace it); "

@@ -43,7 +43,8 @@ def add_parser(sub: Any) -> None:
 
 
 def go_info(artifact: Artifact) -> Dict[str, Any] | None:
-    """Build info JSON, None when not Go, or an error object when it is malformed."""
+    """Build info JSON, None when not Go, an error object when it is malformed, or the Go
+    runtime evidence when a Go binary has no build info (as the agent reads it)."""
     try:
         module = importlib.import_module("agent.goinfo")
         read_buildinfo = module.read_buildinfo
@@ -52,7 +53,11 @@ def go_info(artifact: Artifact) -> Dict[str, Any] | None:
     try:
         info = read_buildinfo(artifact)
     except NotGoBinary:
-        return None
+        found = module.inspect_go(artifact)
+        if found.runtime is None:
+            return {"error": found.detail} if found.is_go else None
+        return {"is_go": True, "evidence": "runtime", "go_version": None,
+                "detail": found.detail, "runtime": found.runtime.to_json()}
     except MalformedInput as exc:
         return {"error": str(exc)}
     result = info.to_json()

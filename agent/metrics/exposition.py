@@ -255,6 +255,54 @@ def lost_events(sensor: Dict[str, Any]) -> Dict[str, float]:
     return out
 
 
+SENSOR_ERRORS = (("read", "read_errors"), ("poll", "poll_errors"), ("loop", "loop_errors"),
+                 ("worker", "worker_errors"), ("response", "response_errors"),
+                 ("heartbeat", "heartbeat_errors"), ("observer", "observer_errors"),
+                 ("ignore-mark", "ignore_mark_errors"), ("mark", "mark_errors"),
+                 ("mount-watch", "mount_refresh_errors"), ("write-open", "write_open_errors"))
+
+
+def _fanotify_parts(sensor: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The fanotify permission backend's stats: the runner's own, or the bpf-lsm feeder's."""
+    parts = [sensor]
+    feeder = sensor.get("fanotify_stats")
+    if isinstance(feeder, dict):
+        parts.append(feeder)
+    return parts
+
+
+def sensor_errors(sensor: Dict[str, Any]) -> Dict[str, float]:
+    """Errors the fanotify backend survived (counted, never a dead thread), by kind."""
+    out: Dict[str, float] = {}
+    for part in _fanotify_parts(sensor):
+        for kind, key in SENSOR_ERRORS:
+            n = _num(part.get(key))
+            if n is not None:
+                out[kind] = out.get(kind, 0.0) + n
+    return out
+
+
+def sensor_families(r: Readings) -> Iterator[Metric]:
+    st = r.status
+    backend = str(st.get("backend"))
+    sensor = st.get("sensor")
+    sensor = sensor if isinstance(sensor, dict) else {}
+    errors = CounterMetricFamily(f"{NS}_sensor_errors", "Errors the fanotify backend "
+                                 "survived, by kind (read: a read of the group failed, e.g. "
+                                 "EMFILE, and the kernel denied that exec)",
+                                 labels=["backend", "kind"])
+    for kind, n in sorted(sensor_errors(sensor).items()):
+        errors.add_metric([backend, kind], n)
+    yield errors
+    overload = [n for n in (_num(p.get("overload")) for p in _fanotify_parts(sensor))
+                if n is not None]
+    if overload:
+        family = CounterMetricFamily(f"{NS}_sensor_overload", "Execs denied at once: too "
+                                     "many waited for a decision", labels=["backend"])
+        family.add_metric([backend], sum(overload))
+        yield family
+
+
 def drop_families(r: Readings) -> Iterator[Metric]:
     st = r.status
     backend = str(st.get("backend"))
@@ -303,7 +351,7 @@ def prewarm_families(r: Readings) -> Iterator[Metric]:
 
 
 FAMILIES = (agent_families, policy_families, decision_families, cache_families,
-            drop_families, prewarm_families)
+            drop_families, sensor_families, prewarm_families)
 
 
 def families(r: Readings) -> List[Metric]:

@@ -10,6 +10,7 @@ The answer is rendered at most every ``RENDER_EVERY_S``; a scrape storm reuses i
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import socket
 import threading
@@ -22,6 +23,7 @@ from agent.errors import ExecguardError
 MAX_CLIENTS = 4
 READ_DEADLINE_S = 5.0
 SEND_DEADLINE_S = 5.0
+ACCEPT_BACKOFF_S = 0.1
 MAX_REQUEST = 8192
 RENDER_EVERY_S = 0.5
 PATHS = ("/metrics", "/")
@@ -101,7 +103,8 @@ class MetricsListener:
         self._active = 0
         self._closed = False
         self._n: Dict[str, int] = dict.fromkeys(
-            ("scrapes", "rejected_busy", "bad_requests", "timeouts", "render_errors"), 0)
+            ("scrapes", "rejected_busy", "bad_requests", "timeouts", "render_errors",
+             "accept_errors"), 0)
         self._last_error: Optional[str] = None
         self._thread = threading.Thread(target=self._accept, name="metrics-listen", daemon=True)
 
@@ -121,8 +124,14 @@ class MetricsListener:
         while True:
             try:
                 conn, _ = self.sock.accept()
-            except OSError:
-                return  # closed
+            except OSError as exc:
+                if self._closed or exc.errno in (errno.EBADF, errno.EINVAL):
+                    return  # closed
+                # EMFILE, ENFILE, ENOMEM: the scrape waits in the backlog; never a dead
+                # listener (the agent outlives an fd shortage, docs/fanotify.md)
+                self._count("accept_errors")
+                time.sleep(ACCEPT_BACKOFF_S)
+                continue
             with self._lock:
                 busy = self._active >= self.max_clients
                 if not busy:

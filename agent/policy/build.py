@@ -15,8 +15,10 @@ from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 from agent.errors import ExecguardError, MalformedInput
 from agent.policy.globs import Glob
+from agent.policy.lint import unsigned_paths
 from agent.policy.model import (
     Action,
+    Boundary,
     Limits,
     Match,
     Mode,
@@ -239,6 +241,8 @@ def build_snapshot(doc: Mapping[str, Any], source: str,
         if raw.get("mode") == "enforce" and doc["mode"] == "monitor":
             builder.warnings.append(f"{at}rules[{i}] (id {raw['id']}).mode: enforce has no "
                                     "effect while the policy's mode is monitor")
+    builder.warnings += unsigned_paths(Mode(doc["mode"]), rules, Action(doc["fallthrough"]),
+                                       lines)
     canonical = canonical_text(doc)
     limits = doc["limits"]
     return PolicySnapshot(
@@ -258,4 +262,13 @@ def build_snapshot(doc: Mapping[str, Any], source: str,
         trust=trust,
         warnings=tuple(builder.warnings),
         overrides=tuple(overrides),
+        boundary=_boundary(doc.get("boundary", {})),
     )
+
+
+def _boundary(doc: Mapping[str, Any]) -> Boundary:
+    return Boundary(loader_exec=doc.get("loader", "deny") == "allow",
+                    judge_mappings=doc.get("mappings", "judge") == "judge",
+                    ptrace=doc.get("ptrace", "deny") == "allow",
+                    mounts=doc.get("mounts", "deny") == "allow",
+                    unseen_in_scope=doc.get("unseen_filesystems", "in-scope") == "in-scope")

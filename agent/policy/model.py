@@ -35,8 +35,12 @@ class Action(str, Enum):
 class Subject:
     """The file being exec'd, as policy sees it.
 
-    ``go`` is True when the file carries Go build info, and also when that build info is
-    present but unreadable (then ``buildinfo`` is None and every Go predicate fails).
+    ``go`` is True when the file carries Go build info, when it has none readable but the
+    Go runtime's pclntab is there, and when either is present but broken (then
+    ``buildinfo`` is None and every Go predicate fails). ``go_evidence`` says which
+    (``agent.goinfo``: "build-info", "runtime", "malformed"; None when not Go, or when the
+    subject was made without it), ``go_detail`` says why in words and ``go_runtime``
+    describes the runtime tables found.
     ``evidence`` is filled in by ``decide`` once a signature is trusted. ``gid`` is the
     exec'ing process's gid and ``owner_uid``/``owner_gid`` the file's owner (its fstat);
     None means unknown, and a rule matching on an unknown value does not match.
@@ -50,6 +54,9 @@ class Subject:
     gid: Optional[int] = None
     owner_uid: Optional[int] = None
     owner_gid: Optional[int] = None
+    go_evidence: Optional[str] = None
+    go_detail: str = ""
+    go_runtime: Optional[str] = None
 
     def __post_init__(self) -> None:
         if not self.path.startswith("/"):
@@ -185,6 +192,18 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class Boundary:
+    """What counts as running a program besides execve (docs/policy.md, "boundary").
+    Enforce mode blocks what these deny; monitor mode records it."""
+
+    loader_exec: bool = False  # a dynamic loader run as a program (ld.so ./prog) may run
+    judge_mappings: bool = True  # PROT_EXEC mappings of files in scope are judged like execs
+    ptrace: bool = False  # ptrace attach to a program in scope is allowed
+    mounts: bool = False  # mounts onto paths in scope are allowed (only while scopes are partial)
+    unseen_in_scope: bool = True  # a filesystem the agent has not placed yet is in scope
+
+
+@dataclass(frozen=True)
 class PolicySnapshot:
     """A complete, validated policy generation; swapped whole, never edited in place.
 
@@ -209,6 +228,7 @@ class PolicySnapshot:
     trust: TrustConfig
     warnings: Tuple[str, ...] = ()
     overrides: Tuple[str, ...] = ()  # CLI flags applied on top of ``source``
+    boundary: Boundary = Boundary()
 
     @property
     def effective_on_timeout(self) -> Action:

@@ -47,9 +47,14 @@ def parse_semver(text: str) -> Optional[Tuple[int, int, int, Tuple[Tuple[int, st
     return int(m.group(1)), int(m.group(2)), int(m.group(3)), key
 
 
-def _require_buildinfo(subject: Subject) -> BuildInfo:
+def _require_buildinfo(subject: Subject, needs: str) -> BuildInfo:
+    """The build info ``needs`` (a predicate's description) reads; a Go file without it
+    fails: the runtime runs without build info, so nothing about the build is provable."""
     if subject.buildinfo is None:
-        raise PolicyViolation(Reason.GO_PREDICATE, "Go build info is missing or unreadable")
+        why = f" ({subject.go_detail})" if subject.go_detail else ""
+        raise PolicyViolation(Reason.GO_PREDICATE,
+                              f"cannot check {needs}: this Go binary has no readable Go "
+                              f"build info{why}")
     return subject.buildinfo
 
 
@@ -58,7 +63,7 @@ class MinGoVersion:
     minimum: str
 
     def check(self, subject: Subject) -> None:
-        info = _require_buildinfo(subject)
+        info = _require_buildinfo(subject, self.describe())
         have, want = parse_go_version(info.go_version), parse_go_version(self.minimum)
         if want is None:
             raise PolicyViolation(Reason.GO_PREDICATE, f"bad minimum Go version {self.minimum!r}")
@@ -79,7 +84,7 @@ class DenyVcsModified:
     """Reject binaries built from a working tree with uncommitted changes."""
 
     def check(self, subject: Subject) -> None:
-        info = _require_buildinfo(subject)
+        info = _require_buildinfo(subject, self.describe())
         if info.setting("vcs.modified") == "true":
             revision = info.setting("vcs.revision") or "unknown revision"
             raise PolicyViolation(Reason.GO_PREDICATE,
@@ -96,7 +101,7 @@ class RequireTrimpath:
     machine paths in it, and a prerequisite for a reproducible build."""
 
     def check(self, subject: Subject) -> None:
-        info = _require_buildinfo(subject)
+        info = _require_buildinfo(subject, self.describe())
         value = info.setting("-trimpath")
         if value != "true":
             raise PolicyViolation(Reason.GO_PREDICATE,
@@ -134,7 +139,7 @@ class DenyModules:
     bans: Tuple[ModuleBan, ...]
 
     def check(self, subject: Subject) -> None:
-        info = _require_buildinfo(subject)
+        info = _require_buildinfo(subject, self.describe())
         mods = ([info.main] if info.main is not None else []) + list(info.deps)
         for mod in mods:
             # A replaced module runs the replacement's code, so both names are checked.
@@ -158,7 +163,7 @@ class SignerForModule:
     pins: Tuple[ModulePin, ...]
 
     def check(self, subject: Subject) -> None:
-        _require_buildinfo(subject)
+        _require_buildinfo(subject, self.describe())
         module = subject.module
         pin = next((p for p in self.pins if module is not None and p.module.matches(module)),
                    None)

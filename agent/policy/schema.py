@@ -342,6 +342,15 @@ def rules(value: Any, where: str) -> List[Dict[str, Any]]:
     return out
 
 
+# How the exec boundary is held beyond execve (docs/policy.md, "boundary"); each key's
+# default is the strict one, and a policy that says nothing keeps its digest.
+BOUNDARY = table({
+    "loader": (choice("deny", "allow"), Omitted("deny")),
+    "mappings": (choice("judge", "ignore"), Omitted("judge")),
+    "ptrace": (choice("deny", "allow"), Omitted("deny")),
+    "mounts": (choice("deny", "allow"), Omitted("deny")),
+    "unseen_filesystems": (choice("in-scope", "out-of-scope"), Omitted("in-scope")),
+})
 LIMITS = table({"decision_deadline_ms": (integer(1, 60_000), 500),
                 "max_file_bytes": (integer(1, 1 << 40), 256 << 20)})
 TRUST = table({"keys": (array(abs_path), [DEFAULT_KEY_DIR]),
@@ -360,6 +369,7 @@ POLICY = table({
     "state_dir": (abs_path, "/var/lib/execguard"),
     "log_dir": (abs_path, "/var/log/execguard"),
     "limits": (LIMITS, _TABLE),
+    "boundary": (BOUNDARY, Omitted({})),
     "trust": (TRUST, _TABLE),
     "rules": (rules, []),
 })

@@ -172,7 +172,9 @@ def recorded_subject(d: Decision) -> Recorded:
     go = d.go
     if go is None:
         return Recorded(Subject(ev.path, ev.uid, go=False, gid=gid), frozenset())
-    if go.get("malformed") is True:  # unreadable build info: Go, with nothing provable
+    # Go without readable build info (broken, or only the runtime's pclntab): Go, with
+    # nothing provable about the build
+    if go.get("malformed") is True or go.get("evidence") == "runtime":
         return Recorded(Subject(ev.path, ev.uid, go=True, gid=gid),
                         frozenset({"go_version", "vcs.modified", "module"}))
     fields: Set[str] = set()

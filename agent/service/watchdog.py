@@ -9,7 +9,9 @@ watchdog ping needs two proofs, both fresh:
 1. the backend's event loop turned recently (its ``Heartbeat``; ``runner.alive()``, which
    for fanotify also fails when an exec waits on a stuck decide worker), and
 2. a synthetic decision, through the same policy store and cache as real execs, on a canary
-   file kept in a memfd, completed within the policy's decision deadline.
+   file kept in a memfd, finished (a slow one too: one over the policy's decision deadline
+   is counted and shown, but a loaded host is slow, not stuck; a restart would fail open
+   and make it no faster).
 
 When either fails the pings stop, STATUS= says why, and systemd restarts the agent once
 ``WatchdogSec`` passes (its SIGABRT makes ``faulthandler`` print every thread's stack to
@@ -76,7 +78,8 @@ class ProbeResult:
 
 class DecisionProbe:
     """Runs a synthetic decision every ``every_s`` on its own thread. A probe that hangs
-    stays hung (no new probe starts), so ``last_ok_at`` ages and the watchdog notices."""
+    stays hung (no new probe starts), so ``last_done_at`` ages and the watchdog notices.
+    ``last_ok_at``: the last one within the decision deadline; ``slow``: those over it."""
 
     def __init__(self, decider: Decider, every_s: float) -> None:
         # same policy store and cache as real execs; own counters, so probes never show up
@@ -86,9 +89,11 @@ class DecisionProbe:
         self.fd = canary_fd()
         self.started_at = time.monotonic()
         self.last_ok_at: Optional[float] = None
+        self.last_done_at: Optional[float] = None  # finished without raising, however slow
         self.last: Optional[ProbeResult] = None
         self.runs = 0
         self.failures = 0
+        self.slow = 0
         self.tid: Optional[int] = None  # the probe thread's kernel id, for diagnostics
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="watchdog-probe", daemon=True)
@@ -105,7 +110,11 @@ class DecisionProbe:
     def _loop(self) -> None:
         self.tid = threading.get_native_id()
         while True:
-            self.run_once()
+            try:
+                self.run_once()
+            except Exception as exc:  # never a dead probe thread: a failure, counted
+                self.failures += 1
+                self.last = ProbeResult(False, 0.0, f"probe failed: {exc!r}")
             if self._stop.wait(self.every_s):
                 return
 
@@ -128,29 +137,36 @@ class DecisionProbe:
             failed = False
         latency = time.monotonic() - started
         ok = not failed and latency <= deadline_s
+        if not failed:
+            self.last_done_at = time.monotonic()
         if ok:
-            self.last_ok_at = time.monotonic()
-        else:
+            self.last_ok_at = self.last_done_at
+        elif failed:
             self.failures += 1
+        else:
+            self.slow += 1
         self.runs += 1
         detail = f"{outcome} in {latency * 1000:.1f} ms (deadline {deadline_s * 1000:.0f} ms)"
         self.last = ProbeResult(ok, latency, detail)
         return self.last
 
     def check(self, window_s: float, now: float) -> Optional[str]:
-        """None when a probe succeeded within ``window_s``, else why not."""
-        since = self.last_ok_at if self.last_ok_at is not None else self.started_at
+        """None when a probe finished within ``window_s`` (over the deadline too: slow is
+        not stuck), else why not."""
+        since = self.last_done_at if self.last_done_at is not None else self.started_at
         if now - since <= window_s:
             return None
         last = self.last.detail if self.last is not None else "none finished"
-        return (f"no synthetic decision within the deadline for {now - since:.1f}s "
-                f"(last: {last})")
+        return f"no synthetic decision finished for {now - since:.1f}s (last: {last})"
 
     def to_json(self) -> Dict[str, Any]:
-        return {"runs": self.runs, "failures": self.failures, "tid": self.tid,
+        return {"runs": self.runs, "failures": self.failures, "slow": self.slow,
+                "tid": self.tid,
                 "last": self.last.detail if self.last else None,
                 "last_ok_age_s": (round(time.monotonic() - self.last_ok_at, 2)
-                                  if self.last_ok_at is not None else None)}
+                                  if self.last_ok_at is not None else None),
+                "last_done_age_s": (round(time.monotonic() - self.last_done_at, 2)
+                                    if self.last_done_at is not None else None)}
 
 
 def heartbeats(runner: Any) -> List[Heartbeat]:

@@ -3,7 +3,10 @@
 Reads are bounded (``MAX_SIGNATURE_FILE``) and never block on a FIFO or device. Store
 entries are opened with O_NOFOLLOW relative to the store directory, so a symlink planted
 in a store is refused rather than followed. A discovered file that cannot be read becomes
-a failed candidate, not an exception: one bad file must not hide another good one.
+a failed candidate, not an exception: one bad file must not hide another good one. The
+exception: the host itself is short of something (no fd left, no memory). That says nothing
+about the file, so it is raised (``HostShortage``) and the decision fails as an I/O error,
+never cached as "no signature" or "malformed" for a file that is signed.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ from agent.errors import InputError
 from agent.verify.model import TrustConfig
 
 MAX_SIGNATURE_FILE = 1 << 20  # 1 MiB: bundles with long chains are ~10 KiB
+# the host is short of a resource: not a property of the signature file
+SHORTAGES = (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS, errno.EAGAIN,
+             errno.EINTR)
 SIG_SUFFIX = ".sig"
 BUNDLE_SUFFIXES = (".sigstore.json", ".bundle")
 SUFFIXES = (SIG_SUFFIX, *BUNDLE_SUFFIXES)
@@ -33,6 +39,16 @@ class Candidate:
     data: bytes = b""
     error: str | None = None
     oversized: bool = False
+
+
+class HostShortage(InputError):
+    """A signature file could not be opened or read for want of fds or memory."""
+
+
+def _shortage(path: str, exc: OSError) -> None:
+    if exc.errno in SHORTAGES:
+        raise HostShortage(path, f"the host is short of resources: {exc.strerror or exc}"
+                           ) from None
 
 
 def kind_for(path: str) -> str:
@@ -72,6 +88,7 @@ def read_signature_file(path: str, dir_fd: int | None = None,
     except FileNotFoundError:
         raise
     except OSError as exc:
+        _shortage(path, exc)
         if exc.errno == errno.ELOOP and nofollow:
             raise InputError(path, "is a symlink; store entries must be regular files") from None
         if exc.errno == errno.EISDIR:
@@ -80,6 +97,7 @@ def read_signature_file(path: str, dir_fd: int | None = None,
     try:
         return _read_fd(fd, path)
     except OSError as exc:
+        _shortage(path, exc)
         raise InputError(path, f"read failed: {exc.strerror or exc}") from None
     finally:
         os.close(fd)
@@ -91,6 +109,8 @@ def _candidate(shown: str, name: str, dir_fd: int | None, nofollow: bool
         data, oversized = read_signature_file(name, dir_fd, nofollow)
     except FileNotFoundError:
         return None
+    except HostShortage:
+        raise
     except InputError as exc:
         return Candidate(shown, kind_for(shown), error=exc.problem)
     return Candidate(shown, kind_for(shown), data, oversized=oversized)
@@ -125,7 +145,8 @@ def discover(artifact: Artifact, trust: TrustConfig) -> List[Candidate]:
     for store in trust.store_dirs:
         try:
             dfd = os.open(store, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError:
+        except OSError as exc:
+            _shortage(store, exc)
             continue  # a missing store is an empty store; the CLI checks the ones it is given
         try:
             for suffix in SUFFIXES:

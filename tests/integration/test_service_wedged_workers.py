@@ -34,9 +34,11 @@ def agent_in_scope_fixture(tmp_path: Path) -> Iterator[Tuple[Listener, RunningAg
     os.environ["WATCHDOG_USEC"] = str(int(WATCHDOG_S * 1e6))
     os.environ.pop("WATCHDOG_PID", None)
     try:
+        # no pre-warming: a pre-verified allow is answered on the loop from memory, and
+        # this test needs an exec that only a decide worker can answer
         with scoped_tmpfs() as scope, running_agent(
                 tmp_path, "--mode", "enforce", "--scope", str(scope),
-                "--backend", "fanotify-exec") as agent:
+                "--backend", "fanotify-exec", "--no-prewarm") as agent:
             _restore(saved)
             yield listener, agent, scope
     finally:

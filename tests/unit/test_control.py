@@ -85,3 +85,32 @@ def test_other_uids_are_refused() -> None:
     finally:
         server.close()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _OutOfFds:
+    """The listening socket as it behaves while the agent has no fd to spare: accept()
+    fails with EMFILE a few times, then works again."""
+
+    def __init__(self, sock: socket.socket, failures: int) -> None:
+        self._sock, self.failures = sock, failures
+
+    def accept(self) -> Any:
+        if self.failures > 0:
+            self.failures -= 1
+            raise OSError(24, "Too many open files")
+        return self._sock.accept()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def test_an_fd_shortage_never_ends_the_server(tmp_path: Path) -> None:
+    path = str(tmp_path / "c.sock")
+    server = ControlServer(path, handler)
+    server.sock = _OutOfFds(server.sock, 3)  # type: ignore[assignment]
+    server.start()
+    try:
+        assert request(path, timeout=5) == {"state": "ready", "echo": "status"}
+        assert server.accept_errors == 3
+    finally:
+        server.close()

@@ -81,7 +81,9 @@ class Rig:
             "records": {"decision_log": {"written": 3, "dropped": 2, "queued": 0,
                                          "dropped_by_cause": {"queue-full": 2}},
                         "audit": {"enabled": False, "note": "off"}},
-            "console_dropped": 4, "sensor": {"observer_dropped": 1},
+            "console_dropped": 4,
+            "sensor": {"observer_dropped": 1, "read_errors": 5, "loop_errors": 0,
+                       "overload": 2, "fanotify_stats": {"read_errors": 1}},
             "skipped_backends": [{"backend": "bpf-lsm", "why": "no bpf in lsm="}],
             "warnings": [],
             **self.extra,
@@ -161,6 +163,11 @@ def test_agent_policy_drop_and_process_families(tmp_path: Path, material: Materi
     assert value(text, "execguard_console_dropped_total") == 4
     assert value(text, "execguard_sensor_lost_events_total", backend="fanotify-exec",
                  cause="observer-backlog") == 1
+    assert value(text, "execguard_sensor_errors_total", backend="fanotify-exec",
+                 kind="read") == 6  # the runner's and a feeder's
+    assert value(text, "execguard_sensor_errors_total", backend="fanotify-exec",
+                 kind="loop") == 0
+    assert value(text, "execguard_sensor_overload_total", backend="fanotify-exec") == 2
     start = value(text, "execguard_start_time_seconds")
     assert start is not None and abs(start - (time.time() - 12)) < 5
     # prefixed, so a textfile never repeats node_exporter's own process_* names

@@ -115,7 +115,10 @@ class Counting:
 def test_decide_with_real_signatures(material: Material, keydir: Path, tmp_path: Path) -> None:
     snap = signed_policy(material, keydir)
     key_a = load_public_key(str(material.keys["a"]))
-    assert len(snap.trust.keys) == 2 and snap.warnings == ()
+    # the catch-all allow after the Go rule is an enforce-mode hole, and is named as one
+    assert len(snap.trust.keys) == 2 and len(snap.warnings) == 1
+    assert "rules[1] (id rest): enforce mode, but this allow rule lets every executable, " \
+        "Go or not, run without a signature" in snap.warnings[0]
 
     def run(name: str, key: str | None) -> Any:
         path = copy_signed(material.bins[name], tmp_path / f"{name}-{key}",

@@ -100,7 +100,11 @@ def test_overrides_change_what_they_name(material: Material, tmp_path: Path,
         load_public_key(str(material.keys["a"])).fingerprint]
     assert snap.trust_digest != base.trust_digest
     assert (snap.state_dir, snap.log_dir) == ("/run/eg/state", str(tmp_path / "logs"))
-    assert snap.source == base.source and snap.warnings == ()
+    # enforce mode on the default lets every file that is not Go run unsigned: said once
+    assert snap.source == base.source and len(snap.warnings) == 1
+    assert snap.warnings[0].startswith("line 29: rules[1] (id not-go): enforce mode, but this "
+                                       "allow rule lets executables that are not Go run "
+                                       "without a signature")
     assert [r.source_line for r in snap.rules] == [r.source_line for r in base.rules]
     assert snap.overrides[0] == "--mode enforce" and len(snap.overrides) == 5
     # The rules' trust follows the new key list too.

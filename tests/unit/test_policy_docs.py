@@ -39,6 +39,8 @@ def test_example_parses(material: Material, tmp_path: Path) -> None:
     assert acme.module_pins[1].signers.identities[0].templated
     assert snap.trust.identities[0].extensions_regex
     assert snap.rules[3].match.gids == (998,)
+    # the enforce example requires a signature on every executable in scope
+    assert not [w for w in snap.warnings if "without a signature" in w], snap.warnings
 
 
 def test_identity_example_parses() -> None:

@@ -84,6 +84,9 @@ def prebuild(out: Path) -> Dict[str, str]:
     script.write_text("#!/bin/sh\necho hi\n")
     script.chmod(0o755)
     files["script"] = str(script)
+    from tests.attacks.harness import build_all  # the attack suite's programs (gcc, go)
+
+    files.update({f"attack:{n}": str(p) for n, p in build_all(out / "attacks").items()})
     (out / MANIFEST).write_text(json.dumps(files, indent=1, sort_keys=True) + "\n")
     return files
 

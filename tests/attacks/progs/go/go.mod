@@ -1,0 +1,3 @@
+module example.com/egpwned
+
+go 1.19
