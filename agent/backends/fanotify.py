@@ -39,6 +39,7 @@ from agent.service.heartbeat import Heartbeat
 from agent.writers import has_writers, ignore_lease_signals
 
 HELD_MAX = 8192  # decisions waiting for their outcome (an observer backlog drops some)
+GUARD_POLL_S = 1.0  # the write guard's thread wakes at least this often (FanotifyBackend)
 
 
 def answer_for(decision: Decision, enforcement: Enforcement, snapshot: PolicySnapshot
@@ -67,6 +68,9 @@ class FanotifyRunner:
     write changes (ext4, xfs, btrfs, f2fs), or a filesystem whose write-opens the loop sees
     before they are answered (then the memo forgets the inode, and a decision reads the
     bytes itself, never a cached allow). Elsewhere every exec is decided from its bytes."""
+
+    # an allowed file may carry an ignore mark (where write_proof allows one at all)
+    IGNORE_MARKS = True
 
     enforcement = Enforcement.FANOTIFY_DENY
 
@@ -139,7 +143,8 @@ class FanotifyRunner:
             snapshot.effective_on_timeout is Action.ALLOW, [self._watchdog.pid],
             observer=self._observe, lookup=self._lookup,
             heartbeat_fd=self._watchdog.heartbeat_fd, mask=self.mask,
-            ignore_marks=self._per_file, overload_allow=snapshot.mode is Mode.MONITOR,
+            ignore_marks=self._per_file and self.IGNORE_MARKS, share_answers=self._per_file,
+            overload_allow=snapshot.mode is Mode.MONITOR,
             on_write_open=self._forget, on_guard_lost=self._forget_all)
 
     def _remark(self, snapshot: PolicySnapshot) -> None:
@@ -406,6 +411,11 @@ class FanotifyRunner:
         why = beat.check(max_silence_s)
         if why is not None:
             return why
+        if backend.stats()["write_guard"]["state"] == "running":
+            guard: Heartbeat = backend.guard_heartbeat
+            why = guard.check(max_silence_s + GUARD_POLL_S)
+            if why is not None:
+                return why
         # the loop turns even when every decide worker is stuck (each exec then gets the
         # on_timeout answer, forever): execs waiting while no decision finished and no busy
         # worker ran for longer than the window (or the policy's deadline, when longer) mean

@@ -43,6 +43,13 @@ class _FanotifyFeeder(FanotifyRunner):
     then is the open answered, so bprm_check_security (which runs later) finds the verdict.
     Files on devices outside the LSM scope are enforced by fanotify's own answer."""
 
+    # No ignore marks: the kernel drops its verdict at a chmod, chown, link or rename (the
+    # stamp changes too), and none of those removes a fanotify ignore mark, so the open of
+    # the next exec would never reach the fill and bprm_check would deny a signed file that
+    # nothing but its mode changed. Every exec in scope comes here; a file the kernel map
+    # allows is answered at once (fill's kernel-verdict shortcut, or the memo).
+    IGNORE_MARKS = False
+
     def __init__(self, lsm: LsmRunner) -> None:
         super().__init__("fanotify-exec", lsm.decider, lsm.record)
         self.lsm = lsm

@@ -146,6 +146,10 @@ class FanotifyBackend:
         self._guard = -1  # the write guard's group (FAN_OPEN_PERM), -1 when there is none
         self._guard_marks = FsMarks(lambda: self._guard, self._lock, guard=True)
         self._guard_state = "off"
+        # each turn of the guard's thread (its poll wakes every second): a guard that stops
+        # turning holds every open of a guarded filesystem, so the service watchdog must
+        # see it (FanotifyRunner.alive)
+        self.guard_heartbeat = Heartbeat("fanotify write guard")
         self._mounts_every = mounts_every_s
         self._watcher: Optional[MountWatcher] = None
         # answered by nobody yet, in deadline order (insertion order: a fixed deadline)
@@ -206,7 +210,9 @@ class FanotifyBackend:
         return GUARDED if self._guarded(dev) else None
 
     def _guarded(self, dev: int) -> bool:
-        return dev in self._marks.guarded or dev in self._guard_marks.guarded
+        # a closed guard guards nothing, whatever a round that raced its closing set
+        return dev in self._marks.guarded or (self._guard >= 0
+                                              and dev in self._guard_marks.guarded)
 
     def _ignorable(self, dev: int) -> bool:
         """An allowed file of filesystem ``dev`` may carry an ignore mark: every write-open
@@ -321,6 +327,7 @@ class FanotifyBackend:
         guard = self._guard_marks.stats() if self._guard >= 0 else {}
         out["write_guard"] = dict(
             state=self._guard_state, marked=guard.get("marked", []),
+            silent_s=round(self.guard_heartbeat.silent_for(), 3) if self._guard >= 0 else 0.0,
             mark_errors=guard.get("mark_errors", 0), last_error=guard.get("mark_last_error"),
             refused=guard.get("mark_fallbacks", {}))
         out["write_guarded_filesystems"] = len(self._marks.guarded | self._guard_marks.guarded)
@@ -368,7 +375,11 @@ class FanotifyBackend:
             except OSError:
                 self._n["ignore_mark_errors"] += 1
                 marked = False
-        if _unchanged(p):
+        ident = p.event.identity
+        # the stamp proves nothing on a guarded filesystem (a write through a mapping
+        # keeps it): a write-open counted since the event came in means other bytes
+        if _unchanged(p) and (p.writes is None
+                              or self.write_opens.count(ident.dev, ident.ino) == p.writes):
             return True
         if marked:
             self._unmark(p.fd)
@@ -552,7 +563,9 @@ class FanotifyBackend:
                 self._failure("loop_errors", exc)
             self._quick(ev, False, Cause.ERROR, path, t0, f"cannot read the event: {exc}")
             return
-        self._hand_off(Pending(ev.fd, event, t0, t0 / 1e9 + self._deadline, markable))
+        # the write-open count before anything reads the bytes or the memo (_ignore)
+        writes = self.write_opens.count(st.st_dev, st.st_ino)
+        self._hand_off(Pending(ev.fd, event, t0, t0 / 1e9 + self._deadline, markable, writes))
 
     def _watch_writes(self, ev: fs.Event) -> str:
         """An open, answered after this: when it is an open for write (its write access
@@ -563,20 +576,26 @@ class FanotifyBackend:
         always safe)."""
         if not has_writers(ev.fd):
             return ""
-        self._n["write_opens"] += 1
-        with self._lock:  # first: nothing may write through a mapping under the mark
-            self._n["ignore_marks_removed"] += int(self._unmark(ev.fd))
         try:
             st = os.fstat(ev.fd)
-        except OSError as exc:  # cannot be: our own open fd; counted all the same
+        except OSError as exc:  # cannot be: our own open fd; the mark goes all the same
             self._failure("write_open_errors", exc)
+            with self._lock:
+                self._n["ignore_marks_removed"] += int(self._unmark(ev.fd))
             return "open for write"
-        self.write_opens.seen(st.st_dev, st.st_ino)
-        if self._on_write_open is not None:
-            try:
-                self._on_write_open(st.st_dev, st.st_ino)
-            except Exception as exc:  # the caller's bug: counted, the open still answered
-                self._failure("write_open_errors", exc)
+        # One step under the lock, in this order, against the loop (which reads the count,
+        # then the memo, and marks under the lock, then compares the count: _ignore): the
+        # memo forgets first, so a hit after this is impossible and a hit before it is
+        # followed by a count that moved; a mark placed before it goes here.
+        with self._lock:
+            self._n["write_opens"] += 1
+            if self._on_write_open is not None:
+                try:
+                    self._on_write_open(st.st_dev, st.st_ino)
+                except Exception as exc:  # the caller's bug: counted, the open answered
+                    self._failure("write_open_errors", exc)
+            self.write_opens.seen(st.st_dev, st.st_ino)
+            self._n["ignore_marks_removed"] += int(self._unmark(ev.fd))
         return "open for write"
 
     # -- the write guard -------------------------------------------------------------
@@ -613,6 +632,7 @@ class FanotifyBackend:
         poller.register(self._guard, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
         while not self._stopping and self._guard >= 0:
+            self.guard_heartbeat.beat()
             try:
                 if not any(fd == self._guard for fd, _ in poller.poll(1000)):
                     continue

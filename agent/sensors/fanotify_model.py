@@ -63,12 +63,14 @@ class Pending:
     ``done``: decide() no longer reads ``fd`` (whoever answers last closes it)."""
 
     def __init__(self, fd: int, event: ExecEvent, t0: int, deadline: float,
-                 markable: bool = False) -> None:
+                 markable: bool = False, writes: Optional[Tuple[int, int]] = None) -> None:
         self.fd, self.event, self.t0, self.deadline = fd, event, t0, deadline
         self.answered = False
         self.done = False
         # on a write-guarded filesystem: an allow may leave an ignore mark (fanotify_writes)
         self.markable = markable
+        # the file's write-open count (fanotify_writes.WriteOpens) when the event came in
+        self.writes = writes
 
     @property
     def key(self) -> FileKey:

@@ -45,7 +45,12 @@ FANOTIFY_METADATA_VERSION = 3
 AT_FDCWD = -100
 
 # glibc defines O_LARGEFILE as 0 on 64-bit; the kernel forces it there anyway.
-EVENT_F_FLAGS = os.O_RDONLY | getattr(os, "O_LARGEFILE", 0)
+# O_NONBLOCK: the kernel opens each event's file in our read(2). A FIFO (no writer yet) or a
+# file under another process's write lease would otherwise hold that read, and every
+# answer behind it; non-blocking, the open of a FIFO returns at once and a leased file's
+# open fails (EWOULDBLOCK: the kernel denies that one event). Reads of regular files
+# ignore the flag.
+EVENT_F_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_LARGEFILE", 0)
 
 # struct fanotify_event_metadata: event_len u32, vers u8, reserved u8, metadata_len u16,
 # mask u64 (8-aligned, at offset 8), fd s32, pid s32. 24 bytes, no padding.

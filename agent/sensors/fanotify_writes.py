@@ -32,11 +32,16 @@ from typing import Dict, Tuple
 
 # Filesystems whose page_mkwrite updates ctime/mtime (nanoseconds) at the first write to
 # each page of every new shared mapping: there a changed file has a new stamp.
-STAMPED = frozenset({"ext4", "xfs", "btrfs", "f2fs"})
+STAMPED = frozenset({"ext4", "ext3", "ext2", "xfs", "btrfs", "f2fs"})  # ext2/3: ext4's driver
 # Filesystems whose bytes can change with no write-open on this host: never guarded.
 REMOTE = frozenset({"nfs", "nfs4", "cifs", "smb3", "9p", "virtiofs", "ceph", "glusterfs",
                     "afs", "lustre", "fuse", "fuseblk", "ocfs2", "gfs2"})
-STACKED = frozenset({"overlay"})  # its files' bytes live on another filesystem's inodes
+# its files' bytes live on another filesystem's inodes (opening one opens the lower file:
+# never guarded, fanotify_marks.py)
+STACKED = frozenset({"overlay", "ecryptfs", "aufs", "shiftfs"})
+# Device nodes: an open of one runs its driver's open (a tty, a watchdog device); the guard's
+# read would do that in the agent for every open of /dev. Nothing there is worth guarding.
+NEVER_GUARDED = frozenset({"devtmpfs"})
 MAX_INODES = 65536  # inodes whose write-opens are counted one by one; then all at once
 
 Key = Tuple[int, int]  # (st_dev, st_ino) as fstat() reports them (the memo's key)
@@ -52,7 +57,7 @@ def guardable(fstype: str) -> bool:
     """Every write to a file of this type needs a write-open on this host, and its stamp
     does not prove the bytes: the loop watches the opens."""
     return not stamps_follow_writes(fstype) and fstype not in REMOTE \
-        and not fstype.startswith("fuse.")
+        and fstype not in NEVER_GUARDED and not fstype.startswith("fuse.")
 
 
 def ignore_marks_hold(fstype: str) -> bool:

@@ -16,6 +16,7 @@ import mmap
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from typing import Any, Callable, Dict, Iterator
@@ -269,3 +270,78 @@ def test_an_exec_through_an_overlay_of_a_guarded_tmpfs_is_answered_at_once() -> 
                 assert stats["guard_events"] >= 1
             finally:
                 subprocess.run(["umount", "-l", merged], timeout=10, check=False)
+
+
+def test_an_allow_decided_across_a_write_open_leaves_no_ignore_mark() -> None:
+    """On tmpfs the stamp does not prove the bytes (a write through a mapping keeps it):
+    a write-open counted by the guard while the file was being decided means the verdict
+    may cover other bytes, so the allow is taken back (CHANGED: denied, no ignore mark),
+    even though ctime and size did not move. The next exec is decided again and marked."""
+    with own_tmpfs() as mnt:
+        app = install(mnt, "app")
+        with responder(mnt, plan={"app": "write-open-once"}) as r:
+            with pytest.raises(PermissionError):
+                run(app)
+            stats, calls = r.stats()
+            assert stats["changed"] == 1 and stats["marked_inodes"] == 0
+            assert stats["write_opens"] >= 1
+            assert run(app) == 0
+            stats, calls = r.stats()
+            assert calls["app"] == 2 and stats["marked_inodes"] == 1
+
+
+HOLD_LEASE = """
+import fcntl, os, signal, sys, time
+signal.signal(signal.SIGIO, signal.SIG_IGN)  # never give the lease back
+fd = os.open(sys.argv[1], os.O_RDWR)
+for _ in range(200):  # EAGAIN while the guard still holds its event fd of our own open
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+        break
+    except BlockingIOError:
+        time.sleep(0.01)
+else:
+    sys.exit("no lease")
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_fifo_or_a_leased_file_on_a_guarded_tmpfs_cannot_hold_the_guard() -> None:
+    """The kernel opens each event's file in the reading thread: a FIFO without a writer, or
+    a file under another process's write lease, would hold that open (the lease up to
+    fs.lease-break-time, 45 s) and every open of the filesystem behind it; on the exec loop
+    the watchdog would then kill the agent. The event fds are non-blocking: the FIFO's open
+    returns at once, the leased file's open and exec fail (the kernel denies those events),
+    and everyone else's opens and execs go on."""
+    with own_tmpfs() as mnt:
+        other = install(mnt, "other")
+        fifo = os.path.join(mnt, "fifo")
+        os.mkfifo(fifo)
+        leased = install(mnt, "leased")
+        with responder(mnt, plan={}) as r:
+            fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # no writer, ever
+            os.close(fd)
+            holder = subprocess.Popen([sys.executable, "-c", HOLD_LEASE, leased],
+                                      stdout=subprocess.PIPE, text=True)
+            try:
+                assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+                t0 = time.monotonic()
+                blocked = subprocess.run(["/bin/sh", "-c", 'exec 3<"$0"', leased],
+                                         timeout=60, check=False)
+                assert time.monotonic() - t0 < 5.0 and blocked.returncode != 0
+                t0 = time.monotonic()  # its exec: the loop's own read fails the same way
+                with pytest.raises(PermissionError):
+                    run(leased)
+                assert time.monotonic() - t0 < 5.0
+                t0 = time.monotonic()
+                with open(other, "rb") as fh:
+                    assert fh.read(4) == b"\x7fELF"
+                assert run(other) == 0
+                assert time.monotonic() - t0 < 5.0
+                stats, _ = r.stats()
+                assert stats["write_guard"]["state"] == "running"
+                assert stats["write_guard"]["silent_s"] < 2.0
+            finally:
+                holder.kill()
+                holder.wait()
