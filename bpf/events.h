@@ -20,6 +20,8 @@ enum eg_msg_op {
 	EG_MSG_MPROTECT = 3, /* PROT_EXEC added to a file mapping; aux = prot */
 	EG_MSG_MOUNT = 4,    /* a mount onto a path in scope was refused; aux = mount flags */
 	EG_MSG_PTRACE = 5,   /* a ptrace attach to a program in scope was refused; aux = target tgid */
+	EG_MSG_SCRIPT = 6,   /* kill/audit: an interpreter outside every scope started for the
+			      * file named in path (#!, binfmt_misc); user space judges that file */
 };
 
 /* What the kernel knew about the file when it ran (verdict map lookup). */

@@ -139,8 +139,22 @@ RAW_TRACEPOINT_PROBE(sched_process_exec)
 	eg_count(EG_LSM_STAT_EXECS);
 	int in_scope = eg_place(eg_file_dentry(file), inode, &w);
 	int loader = (flags & EG_LSM_CFG_LOADER) && loaders.lookup(&w.key);
+	/* bprm->file is the program that runs: for a script (#!, binfmt_misc) the interpreter,
+	 * and the file that was exec'd, which may be in scope, is closed by now. bprm->interp
+	 * is bprm->filename unless such a handler put its interpreter there: then user space
+	 * judges the file by the name the caller gave (EG_MSG_SCRIPT; docs/sensors.md says
+	 * what that costs), whether the interpreter is in scope or not. */
+	const void *fname = EG_LOAD(const void *, bprm, EG_OFF_BPRM_FILENAME);
+	int interpreted = fname && EG_LOAD(const void *, bprm, EG_OFF_BPRM_INTERP) != fname;
+	if (interpreted && !eg_exempt_or_child()) {
+		struct eg_exec_event *s = eg_record(EG_MSG_SCRIPT, EG_STATE_UNKNOWN, 0, &w.key, 0, 0, 0);
+		if (s) {
+			bpf_probe_read_kernel_str(s->path, sizeof(s->path), fname);
+			eg_submit(s);
+		}
+	}
 	if (!in_scope && !loader)
-		return 0; /* outside the scope: never killed, never reported */
+		return 0; /* outside the scope: never killed */
 	if (eg_exempt_or_child())
 		return 0; /* the agent's own helpers (looked up last: most execs are out of scope) */
 	eg_count(EG_LSM_STAT_IN_SCOPE);
@@ -172,9 +186,10 @@ RAW_TRACEPOINT_PROBE(sched_process_exec)
 	if (!e)
 		return 0; /* counted in stats[drops]; the kill above stands */
 	e->action = action;
-	const char *filename = EG_LOAD(const char *, bprm, EG_OFF_BPRM_FILENAME);
-	if (filename)
-		bpf_probe_read_kernel_str(e->path, sizeof(e->path), filename);
+	if (interpreted) /* the name is the script's: the interpreter's path within its fs */
+		eg_fs_path(eg_file_dentry(file), e->path);
+	else if (fname)
+		bpf_probe_read_kernel_str(e->path, sizeof(e->path), fname);
 	eg_submit(e);
 	return 0;
 }

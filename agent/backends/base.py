@@ -170,7 +170,7 @@ def stat_key(fd: int) -> Optional[Tuple[int, int]]:
 
 def _open_if(path: str, want: Tuple[int, int], key_of: KeyOf) -> Optional[int]:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
     except OSError:
         return None
     try:

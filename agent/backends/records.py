@@ -23,6 +23,7 @@ from agent.backends.base import (
     replace_decision,
 )
 from agent.backends.kernel_scope import KernelScope
+from agent.backends.scripts import PATH_CUT, open_script
 from agent.decide import Decider
 from agent.decision import Decision, Enforcement, ExecEvent, FileIdentity, Source
 from agent.errors import Reason
@@ -100,12 +101,43 @@ class KernelRecords:
 
         if rec.op in (Op.MOUNT, Op.PTRACE):
             self._record_guard(rec, stopped)
+        elif rec.op is Op.SCRIPT:
+            self._handle_script(rec)
         elif rec.loader:
             self._record_loader(rec, stopped)
         elif rec.op is Op.EXEC:
             self._handle_exec(rec, stopped)
         else:
             self._handle_mapping(rec, stopped)
+
+    def _handle_script(self, rec: Any) -> None:
+        """An interpreter outside every scope started for a file that was exec'd (a #!
+        script, binfmt_misc): the kernel saw only the interpreter. The file is opened by
+        the name the caller gave, from the caller's root and working directory, placed, and
+        judged when it is in scope; the kill backend then kills the interpreter late (it
+        may have run a while), audit-only records. A file swapped at that name in between
+        is what gets judged: the record's path and identity say which one."""
+        event: ExecEvent = rec.event
+        if len(event.path.encode()) >= PATH_CUT:  # the record's name was cut: a guess at best
+            self._n["scripts_truncated"] = self._n.get("scripts_truncated", 0) + 1
+        fd = open_script(event)
+        if fd is None:
+            self._n["scripts_unreadable"] = self._n.get("scripts_unreadable", 0) + 1
+            return
+        try:
+            event = dataclasses.replace(event, identity=identity_of(os.fstat(fd)))
+            event, in_scope = self._placed(event, fd)
+            snapshot = self.decider.store.current.snapshot
+            if not (snapshot.in_scope(event.path) if in_scope is None else in_scope):
+                return  # an out-of-scope script: nothing to say
+            self._n["scripts_judged"] = self._n.get("scripts_judged", 0) + 1
+            decision = self.decider.decide(event, fd, self.enforcement, in_scope=in_scope,
+                                           rehash=True)
+        finally:
+            os.close(fd)
+        if not decision.allow and decision.enforcement is self.enforcement:
+            decision = self._stop_late(decision)
+        self.record(decision)
 
     def _record_kernel_hit(self, event: ExecEvent, snapshot: PolicySnapshot) -> None:
         """The kernel map repeats an allow: record the first exec of each file version (it

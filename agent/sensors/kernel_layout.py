@@ -161,6 +161,7 @@ def exec_sensor_offsets(btf: Btf) -> Dict[str, int]:
     need = {
         "EG_OFF_BPRM_FILE": btf.require("linux_binprm", "file", 8),
         "EG_OFF_BPRM_FILENAME": btf.require("linux_binprm", "filename", 8),
+        "EG_OFF_BPRM_INTERP": btf.require("linux_binprm", "interp", 8),
         "EG_OFF_FILE_INODE": btf.require("file", "f_inode", 8),
         "EG_OFF_INODE_INO": btf.require("inode", "i_ino", 8),
         "EG_OFF_INODE_SB": btf.require("inode", "i_sb", 8),

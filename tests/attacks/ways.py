@@ -502,6 +502,10 @@ def run_script(stage: Stage, user: User) -> Outcome:
     return run_attack(["sh", str(stage.shared("script.sh"))], user)
 
 
+def run_script_direct(stage: Stage, user: User) -> Outcome:
+    return run_attack([str(stage.shared("script.sh"))], user)
+
+
 def prepare_shebang(stage: Stage, user: User) -> None:
     script = stage.home("shebang-unsigned-interpreter", user) / "run.sh"
     script.write_text(f"#!{stage.shared('payload-static')}\n")
@@ -614,6 +618,8 @@ WAYS: Tuple[Way, ...] = (
         "program (no ptrace(2) call)", inject("procmem")),
     Way("script-interpreter", "an unsigned script in the scope given to /bin/sh as an argument",
         run_script),
+    Way("script-direct", "exec an unsigned #! script in the scope itself (its interpreter, "
+        "/bin/sh, is outside every scope)", run_script_direct),
     Way("shebang-unsigned-interpreter", "regression: a signed script whose #! names the "
         "scope's unsigned payload", run_shebang, prepare_shebang),
     Way("symlink-from-outside", "regression: exec a symlink outside the scope that points at "
@@ -668,6 +674,10 @@ _RESULT = {"BLOCKED": Result.DENIED, "KILLED": Result.KILLED, "RUNS": Result.RAN
            "LATE": Result.KILLED}
 BLOCKED = Expect("BLOCKED")
 KILLED = Expect("KILLED")
+
+
+def LATE(reason: str) -> Expect:  # the table's word, so upper case
+    return Expect("LATE", reason)
 
 
 def RUNS(reason: str) -> Expect:  # the table's word, so upper case
@@ -802,6 +812,16 @@ EXPECTED: Dict[str, Dict[str, Expect]] = {
     "ptrace-inject": row(_PTRACE, _PTRACE, RUNS(_ISSUE.format("runs, no ptrace hook"))),
     "procmem-inject": row(_PTRACE, _PTRACE),
     "script-interpreter": row(_SCRIPT, _SCRIPT),
+    # the exec opens the script itself (fanotify-exec sees it; bprm_check runs for it);
+    # the kill backend's tracepoint sees only the interpreter and names the script
+    "script-direct": row(
+        BLOCKED,
+        LATE("sched_process_exec sees the interpreter (outside the scope), not the script: "
+             "the kernel names the script (EG_MSG_SCRIPT) and the agent judges the file at "
+             "that name and kills the interpreter after (logged: deny, post-exec-kill, "
+             "killed_by). A short script has finished by then. bpf-lsm and fmod-ret refuse "
+             "it at bprm_check"),
+        BLOCKED),
     # the kernel opens the #! interpreter for exec too: judged like a direct exec
     "shebang-unsigned-interpreter": row(BLOCKED, KILLED),
     "symlink-from-outside": row(BLOCKED, KILLED, BLOCKED),
@@ -833,7 +853,7 @@ _BPF_SCRIPT = RUNS("/bin/sh (outside the scope) reads the script as data: no exe
 BPF_EXPECTED: Dict[str, Expect] = {
     **dict.fromkeys((
         "direct-exec", "tmpfile-exec", "execveat-opath", "execveat-unlinked",
-        "shebang-unsigned-interpreter", "symlink-from-outside", "go-unsigned",
+        "script-direct", "shebang-unsigned-interpreter", "symlink-from-outside", "go-unsigned",
         "go-magic-zeroed", "go-stripped-nomagic", "dir-rename-path-rule",
         # a dynamic loader run as a program (loaders map)
         "ldso-dynamic-c", "ldso-go-pie", "ldso-go-cgo",
@@ -858,10 +878,6 @@ BPF_EXPECTED: Dict[str, Expect] = {
     "script-interpreter": _BPF_SCRIPT,
 }
 BPF_BACKENDS = ("bpf-lsm", "fmod-ret")
-
-
-def LATE(reason: str) -> Expect:  # the table's word, so upper case
-    return Expect("LATE", reason)
 
 
 # The kill backend after it placed files like the BPF backends (the same exec_verdict.h,

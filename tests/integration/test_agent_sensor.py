@@ -5,11 +5,14 @@ tmpfs the test mounts, so the kernel's device scope covers nothing else."""
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from tests.agent_fixtures import exec_file, running_agent, scoped_tmpfs, wait_for
+from tests.attacks.policies import ALL_SIGNED, write_policy
 from tests.policy_fixtures import Material, copy_signed, material_fixture  # noqa: F401
 
 pytestmark = pytest.mark.timeout(240)
@@ -65,3 +68,84 @@ def test_audit_only_blocks_nothing_and_records_every_decision(tmp_path: Path,
                        for d in bad)
             good = agent.wait_decision(str(signed), 3)
             assert all(d["decision"] == "allow" for d in good)
+
+
+def _script(where: Path, body: str = "echo hi\n") -> Path:
+    where.mkdir(parents=True, exist_ok=True)
+    script = where / "script.sh"
+    script.write_text("#!/bin/sh\n" + body)
+    script.chmod(0o755)
+    return script
+
+
+def test_a_script_in_scope_run_by_an_interpreter_outside_is_recorded(
+        tmp_path: Path, material: Material) -> None:
+    """sched_process_exec sees the interpreter (/bin/sh, outside the scope), not the script:
+    the kernel reports the script's name (EG_MSG_SCRIPT) and the agent judges the script,
+    by its absolute name and by a name relative to the caller's working directory. A script
+    outside the scope is not recorded."""
+    with scoped_tmpfs() as scope, scoped_tmpfs() as outside:
+        script = _script(scope / "s")
+        other = _script(outside)
+        with running_agent(tmp_path, "--mode", "enforce", "--scope", str(scope), "--key",
+                           str(material.keys["a"]), "--backend", "audit-only",
+                           "--audit", "off", expect_state=("degraded",)) as agent:
+            assert exec_file(script).stdout == "hi\n"
+            ran = subprocess.run(["./script.sh"], cwd=script.parent, capture_output=True,
+                                 text=True, timeout=30)
+            assert ran.stdout == "hi\n"
+            assert exec_file(other).stdout == "hi\n"
+            found = agent.wait_decision(str(script), 2, timeout=30)
+            assert all(d["event"]["path"] == str(script) for d in found)
+            assert all(d["decision"] == "allow" for d in found), found  # the not-go rule
+            assert not [d for d in agent.decisions() if d["event"]["path"] == str(other)]
+
+
+def test_kill_backend_kills_an_unsigned_script_in_scope_late(tmp_path: Path,
+                                                             material: Material) -> None:
+    """Under a policy that wants every file signed, an unsigned script exec'd in scope is
+    judged after its interpreter started and killed then (post-exec-kill: it may have run
+    a while, which the threat model's table says: killed late)."""
+    with scoped_tmpfs() as scope:
+        script = _script(scope / "s", "sleep 30\necho done\n")
+        policy = write_policy(tmp_path / "policy.toml", ALL_SIGNED, scope, material.keys["a"],
+                              5000)
+        with running_agent(tmp_path, "--policy", str(policy), "--backend", "kill",
+                           "--audit", "off") as agent:
+            ran = subprocess.run([str(script)], capture_output=True, text=True, timeout=60)
+            assert ran.returncode == -signal.SIGKILL and "done" not in ran.stdout
+            rec = agent.wait_decision(str(script))[-1]
+            assert rec["decision"] == "deny" and rec["enforcement"] == "post-exec-kill"
+            assert rec["extra"].get("killed_by") == "agent, after verification"
+
+
+def test_a_script_named_by_descriptor_and_one_under_an_interpreter_in_scope_are_recorded(
+        tmp_path: Path, material: Material) -> None:
+    """execveat(fd, "", AT_EMPTY_PATH) names the script "/dev/fd/N": the agent reads the
+    caller's fd N (its own would be another file). With the interpreter itself in scope the
+    script is judged too, beside the interpreter's own exec."""
+    with scoped_tmpfs() as scope:
+        # a descriptor name resolves only while its caller lives (docs/sensors.md): the
+        # script waits long enough for a loaded agent to look
+        script = _script(scope / "s", "sleep 2\necho hi\n")
+        shell = scope / "bin" / "sh"
+        shell.parent.mkdir()
+        shell.write_bytes(Path("/bin/dash").read_bytes())
+        shell.chmod(0o755)
+        inner = scope / "inner" / "script.sh"
+        inner.parent.mkdir()
+        inner.write_text(f"#!{shell}\necho inner\n")
+        inner.chmod(0o755)
+        with running_agent(tmp_path, "--mode", "enforce", "--scope", str(scope), "--key",
+                           str(material.keys["a"]), "--backend", "audit-only",
+                           "--audit", "off", expect_state=("degraded",)) as agent:
+            code = ("import os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
+                    "os.set_inheritable(fd, True); os.execve(fd, ['script'], {})")
+            ran = subprocess.run([sys.executable, "-c", code, str(script)],
+                                 capture_output=True, text=True, timeout=30)
+            assert ran.stdout == "hi\n", ran
+            found = agent.wait_decision(str(script), 1, timeout=30)
+            assert found[-1]["event"]["path"] == str(script)
+            assert exec_file(inner).stdout == "inner\n"
+            assert agent.wait_decision(str(inner), 1, timeout=30)
+            assert agent.wait_decision(str(shell), 1, timeout=30)

@@ -71,7 +71,8 @@ def kernel_like(new_ctime: bool, audit: bool = True) -> bytes:
     b.func_proto(u32, 2)  # a kind with per-member data the walk must skip
     b.array(u32, 4)
     vp = b.ptr(0)
-    b.struct_("linux_binprm", 200, [("vma", vp, 0), ("file", vp, 64 * 8), ("filename", vp, 96 * 8)])
+    b.struct_("linux_binprm", 200, [("vma", vp, 0), ("file", vp, 64 * 8), ("filename", vp, 96 * 8),
+                                    ("interp", vp, 104 * 8)])
     b.struct_("file", 100, [("f_inode", vp, 32 * 8)])
     b.struct_("super_block", 100, [("s_dev", u32, 16 * 8)])
     kuid = b.struct_("", 4, [("val", u32, 0)])  # kuid_t is a typedef'd anonymous struct
@@ -92,7 +93,8 @@ def kernel_like(new_ctime: bool, audit: bool = True) -> bytes:
 
 
 EXPECT_COMMON: Dict[str, int] = {
-    "EG_OFF_BPRM_FILE": 64, "EG_OFF_BPRM_FILENAME": 96, "EG_OFF_FILE_INODE": 32,
+    "EG_OFF_BPRM_FILE": 64, "EG_OFF_BPRM_FILENAME": 96, "EG_OFF_BPRM_INTERP": 104,
+    "EG_OFF_FILE_INODE": 32,
     "EG_OFF_INODE_INO": 64, "EG_OFF_INODE_SB": 40, "EG_OFF_INODE_SIZE": 80, "EG_OFF_SB_DEV": 16,
     "EG_OFF_TASK_REAL_PARENT": 1280, "EG_OFF_TASK_TGID": 1268, "EG_OFF_TASK_LOGINUID": 1952,
 }  # fmt: skip
