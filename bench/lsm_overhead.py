@@ -24,9 +24,11 @@ Usage (root, inside the VM; the target is prebuilt on the host, Go crawls under 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -64,6 +66,41 @@ def prog_stats(pid: int) -> Dict[str, Tuple[int, int]]:
     return out
 
 
+_SYS_BPF = 321  # x86_64, the VM's architecture
+_BPF_PROG_GET_FD_BY_ID, _BPF_OBJ_GET_INFO_BY_FD = 13, 15
+_names: Dict[str, str] = {}
+
+
+def prog_name(prog_id: str) -> str:
+    """The program's name (bpf_prog_info.name, 16 bytes: the C function's name, cut), by
+    id: which hook a program is. Its id when the kernel will not say."""
+    if prog_id in _names:
+        return _names[prog_id]
+    libc = ctypes.CDLL(None, use_errno=True)
+    attr = ctypes.create_string_buffer(struct.pack("III", int(prog_id), 0, 0), 128)
+    fd = libc.syscall(_SYS_BPF, _BPF_PROG_GET_FD_BY_ID, attr, 128)
+    name = prog_id
+    if fd >= 0:
+        info = ctypes.create_string_buffer(256)
+        attr = ctypes.create_string_buffer(
+            struct.pack("IIQ", fd, 256, ctypes.addressof(info)), 128)
+        if libc.syscall(_SYS_BPF, _BPF_OBJ_GET_INFO_BY_FD, attr, 128) == 0:
+            name = info.raw[64:80].split(b"\0", 1)[0].decode(errors="replace") or prog_id
+        os.close(fd)
+    _names[prog_id] = name
+    return name
+
+
+def per_prog(after: Dict[str, Tuple[int, int]], before: Dict[str, Tuple[int, int]],
+             into: Dict[str, List[int]]) -> None:
+    """Add each program's run time and run count over a block to ``into`` (by name)."""
+    for k, (ns, cnt) in after.items():
+        b_ns, b_cnt = before.get(k, (0, 0))
+        acc = into.setdefault(prog_name(k), [0, 0])
+        acc[0] += ns - b_ns
+        acc[1] += cnt - b_cnt
+
+
 def delta(after: Dict[str, Tuple[int, int]], before: Dict[str, Tuple[int, int]]
           ) -> Tuple[int, int]:
     ns = sum(v[0] - before.get(k, (0, 0))[0] for k, v in after.items())
@@ -76,6 +113,7 @@ def visit(cond: str, m: str, r: str, key: str, work: str, args: argparse.Namespa
     """One condition: start it, warm it, run the interleaved blocks, account for them."""
     res: Dict[str, Any] = {"condition": cond, "M_ns": [], "R_ns": []}
     bpf = {"M": [0, 0, 0], "R": [0, 0, 0]}  # ns, runs, execs
+    progs: Dict[str, List[int]] = {}  # M blocks: program name -> [ns, runs]
 
     def blocks(daemon: Optional[Daemon]) -> None:
         pid = daemon.proc.pid if daemon is not None and daemon.proc is not None else 0
@@ -87,7 +125,10 @@ def visit(cond: str, m: str, r: str, key: str, work: str, args: argparse.Namespa
                 p0 = prog_stats(pid) if pid else {}
                 ns = exec_block(path, args.block, guard)
                 if pid:
-                    d_ns, d_runs = delta(prog_stats(pid), p0)
+                    p1 = prog_stats(pid)
+                    if which == "M":
+                        per_prog(p1, p0, progs)
+                    d_ns, d_runs = delta(p1, p0)
                     bpf[which][0] += d_ns
                     bpf[which][1] += d_runs
                     bpf[which][2] += len(ns)
@@ -113,6 +154,12 @@ def visit(cond: str, m: str, r: str, key: str, work: str, args: argparse.Namespa
                 blocks(daemon)
             finally:
                 guard.victims = []
+    m_execs = bpf["M"][2]
+    if m_execs:  # per hook: ns per call, calls per exec (the issue's per-hook targets)
+        res["bpf_per_prog_M"] = {
+            name: {"ns_per_call": round(ns / runs) if runs else None,
+                   "calls_per_exec": round(runs / m_execs, 2)}
+            for name, (ns, runs) in sorted(progs.items()) if runs}
     for which in ("M", "R"):
         ns, runs, execs = bpf[which]
         if execs:
@@ -151,6 +198,7 @@ def summarize(visits: List[Dict[str, Any]], rounds: int) -> Dict[str, Any]:
             "bpf_ns_per_exec_R": [v.get("bpf_ns_per_exec_R") for v in mine],
             "bpf_ratio": round(1 + statistics.median(bpf_ns) / off_m_ns, 5),
             "agent_cpu_us_per_exec": [v.get("agent_cpu_us_per_exec") for v in mine],
+            "bpf_per_prog_M": [v.get("bpf_per_prog_M") for v in mine],
         }
     return out
 

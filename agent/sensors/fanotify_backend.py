@@ -366,8 +366,9 @@ class FanotifyBackend:
         on the loop first (_watch_writes): no mark outlives a change of the bytes.
         ``epoch``: the policy epoch the verdict was made in; a stale one adds no mark.
         ``mark`` False (an ``ALLOW_ONCE`` answer): only the re-check."""
+        # markable was judged at the event's arrival; the guard may have gone since
         marked = (mark and p.markable and self._ignore_marks and self._group >= 0
-                  and epoch in (None, self._epoch))
+                  and epoch in (None, self._epoch) and self._ignorable(p.event.identity.dev))
         if marked:
             try:
                 fs.ignore_mark(self._group, self._mask, p.fd)
