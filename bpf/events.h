@@ -85,6 +85,8 @@ struct eg_file_key {
 /* eg_verdict.flags */
 #define EG_VF_MOVED 0x01 /* renamed or linked since it was verified (bpf-lsm, fmod-ret): the
 			  * ctime moved with the name, so (mtime, size) stand for the bytes */
+#define EG_VF_ATTR 0x02  /* chmod, chown or utimes since it was verified: the ctime (and maybe
+			  * the mtime) moved, the bytes did not; the size stands for them */
 
 struct eg_verdict {
 	__u64 ctime_ns;

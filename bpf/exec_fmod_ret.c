@@ -78,7 +78,7 @@ KFUNC_PROBE(security_inode_setattr, void *idmap, struct dentry *dentry, struct i
 KFUNC_PROBE(security_inode_setattr, struct dentry *dentry, struct iattr *attr)
 #endif
 {
-	eg_forget_inode(eg_dentry_inode(dentry));
+	eg_setattr(eg_dentry_inode(dentry), attr);
 	return 0;
 }
 

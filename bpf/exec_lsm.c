@@ -6,8 +6,9 @@
  * ptrace_access_check the programs in scope. Only files in scope are ever denied.
  *
  * No bpf_probe_read_kernel* anywhere, so the program loads under lockdown=confidentiality.
- * Invalidation: an open for write, a truncate or a setattr of a file drops its verdict; a
- * rename or a link moves it (or drops it, when verdicts depend on paths).
+ * Invalidation: an open for write, a truncate or a setattr that changes the size drops its
+ * verdict; chmod, chown and utimes keep it (EG_VF_ATTR); a rename or a link moves it (or
+ * drops it, when verdicts depend on paths).
  */
 #define EG_PATH_D_PATH 1 /* bprm_check_security is a hook bpf_d_path may be called from */
 #include "exec_verdict.h"
@@ -48,7 +49,7 @@ LSM_PROBE(inode_setattr, struct mnt_idmap *idmap, struct dentry *dentry, struct 
 LSM_PROBE(inode_setattr, struct dentry *dentry, struct iattr *attr)
 #endif
 {
-	eg_forget_inode(eg_dentry_inode(dentry));
+	eg_setattr(eg_dentry_inode(dentry), attr);
 	return 0;
 }
 

@@ -324,7 +324,7 @@ static __always_inline __u8 eg_state_of(const void *inode, struct eg_file_key *k
 		return EG_STATE_UNKNOWN;
 	if (v->epoch != eg_epoch() || v->size != size)
 		return EG_STATE_STALE;
-	if (v->ctime_ns != ctime_ns &&
+	if (v->ctime_ns != ctime_ns && !(v->flags & EG_VF_ATTR) &&
 	    !((v->flags & EG_VF_MOVED) && v->mtime_ns == eg_mtime(inode)))
 		return EG_STATE_STALE;
 	return v->verdict == EG_VERDICT_ALLOW ? EG_STATE_ALLOW : EG_STATE_DENY;
@@ -352,6 +352,30 @@ static __always_inline void eg_forget_inode(const void *inode)
 {
 	struct eg_file_key key = {};
 	if (eg_inode_key(inode, &key))
+		eg_forget_key(&key);
+}
+
+#define EG_ATTR_SIZE (1 << 3) /* iattr.ia_valid: a truncate or extension */
+
+/* A setattr: one that changes the size drops the verdict (the bytes change). Any other
+ * (chmod, chown, utimes) moves the ctime, not the bytes: a current verdict stays, marked
+ * EG_VF_ATTR (size alone then stands for the bytes), so a signed file whose mode changed
+ * still runs without asking user space again. Every way to change the bytes later (an open
+ * for write, a truncate) drops the entry outright. iattr.ia_valid is its first member. */
+static __always_inline void eg_setattr(const void *inode, const void *attr)
+{
+	struct eg_file_key key = {};
+	if (!eg_inode_key(inode, &key))
+		return;
+	__u32 valid = attr ? EG_LOAD(__u32, attr, 0) : EG_ATTR_SIZE;
+	__u8 state = eg_state_of(inode, &key, eg_ctime(inode), EG_LOAD(__u64, inode, EG_OFF_INODE_SIZE));
+	struct eg_verdict *v = verdicts.lookup(&key);
+	if (!v)
+		return;
+	/* only a verdict still current for these bytes (a chmod after a chmod included) */
+	if (!(valid & EG_ATTR_SIZE) && (state == EG_STATE_ALLOW || state == EG_STATE_DENY))
+		v->flags |= EG_VF_ATTR;
+	else
 		eg_forget_key(&key);
 }
 
