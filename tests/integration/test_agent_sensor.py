@@ -85,7 +85,9 @@ def test_a_script_in_scope_run_by_an_interpreter_outside_is_recorded(
     by its absolute name and by a name relative to the caller's working directory. A script
     outside the scope is not recorded."""
     with scoped_tmpfs() as scope, scoped_tmpfs() as outside:
-        script = _script(scope / "s")
+        # a relative name resolves only while its caller lives (docs/sensors.md): the script
+        # waits long enough for a loaded agent to look
+        script = _script(scope / "s", "sleep 2\necho hi\n")
         other = _script(outside)
         with running_agent(tmp_path, "--mode", "enforce", "--scope", str(scope), "--key",
                            str(material.keys["a"]), "--backend", "audit-only",
