@@ -288,3 +288,12 @@ def freeze_thread(tid: int) -> Frozen:
     if problem:
         raise AssertionError(problem[0])
     return Frozen(tracer, released)
+
+
+def restore_env(saved: Dict[str, Optional[str]]) -> None:
+    """Put back environment variables a test replaced (None: it was unset)."""
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Iterator, Tuple
 
 import pytest
 
@@ -23,6 +23,7 @@ from tests.agent_fixtures import RunningAgent, running_agent, scoped_tmpfs, wait
 from tests.flood_fixtures import big_unsigned, cpu_limited, enforce_policy, flood_codes, start_flood
 from tests.integration.test_service_notify import Listener
 from tests.policy_fixtures import Material, material_fixture  # noqa: F401
+from tests.service_fixtures import restore_env
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="fanotify permission events need root"),
@@ -54,19 +55,11 @@ def notified_fixture(tmp_path: Path, material: Material
             policy = enforce_policy(tmp_path / "policy.toml", scope, material.keys["a"], 1000)
             with running_agent(tmp_path, "--policy", str(policy), "--backend",
                                "fanotify-exec", "--audit", "off", "--no-prewarm") as agent:
-                _restore(saved)
+                restore_env(saved)
                 yield listener, agent, scope
     finally:
-        _restore(saved)
+        restore_env(saved)
         listener.sock.close()
-
-
-def _restore(saved: Dict[str, Optional[str]]) -> None:
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def test_slow_decisions_are_not_a_wedge(notified: Tuple[Listener, RunningAgent, Path],

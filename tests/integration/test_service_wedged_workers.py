@@ -13,14 +13,14 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Iterator, List, Tuple
 
 import pytest
 
 from agent.control import request
 from tests.agent_fixtures import RunningAgent, running_agent, scoped_tmpfs, wait_for
 from tests.integration.test_service_notify import WATCHDOG_S, Listener
-from tests.service_fixtures import Frozen, freeze_thread
+from tests.service_fixtures import Frozen, freeze_thread, restore_env
 
 pytestmark = [pytest.mark.timeout(120)]
 NOTIFY_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
@@ -39,19 +39,11 @@ def agent_in_scope_fixture(tmp_path: Path) -> Iterator[Tuple[Listener, RunningAg
         with scoped_tmpfs() as scope, running_agent(
                 tmp_path, "--mode", "enforce", "--scope", str(scope),
                 "--backend", "fanotify-exec", "--no-prewarm") as agent:
-            _restore(saved)
+            restore_env(saved)
             yield listener, agent, scope
     finally:
-        _restore(saved)
+        restore_env(saved)
         listener.sock.close()
-
-
-def _restore(saved: Dict[str, Optional[str]]) -> None:
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def _worker_tids(agent: RunningAgent) -> List[int]:
