@@ -111,6 +111,7 @@ def test_files_in_scope_are_judged_wherever_they_are_reached_from(tmp_path: Path
                 # other mount namespaces: root's private one, nobody's user namespace
                 assert run(["unshare", "-m", str(bad)]).returncode == 126
                 assert run([*NOBODY, "unshare", "-Urm", str(bad)]).returncode == 126
+                agent.wait_decision(str(bad), 4)  # records are written after the answer
                 assert decided(agent, bad) == ["no-signature"] * 4
                 assert run(["unshare", "-m", str(ok)]).returncode == 0
                 assert run(["unshare", "-m", str(sibling)]).returncode == 0
@@ -133,6 +134,7 @@ def test_a_new_tmpfs_in_the_scope_is_marked_and_judged(tmp_path: Path,
             signed = copy_signed(material.bins["app"], inner / "s", material.private["a"])
             assert exec_file(unsigned).returncode == 126
             assert exec_file(signed).returncode == 0
+            agent.wait_decision(str(unsigned))
             assert decided(agent, unsigned) == ["no-signature"]
 
 
