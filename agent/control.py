@@ -1,7 +1,9 @@
 """The agent's control socket: a root-only Unix socket that answers ``status`` as JSON.
 
 One request line in, one JSON line out. The peer's credentials (SO_PEERCRED) are checked
-before anything is read: only uid 0 (or the agent's own uid) may ask.
+before anything is read: only uid 0 (or the agent's own uid) may ask. A handler that must
+act only once its answer is on the way (``stop``: reply first, then exit) hands that action
+to ``after_reply``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import socket
 import stat
 import struct
 import threading
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 DEFAULT_SOCKET = "/run/execguard/control.sock"
 MAX_REQUEST = 4096
@@ -25,6 +27,20 @@ Handler = Callable[[Dict[str, Any]], Dict[str, Any]]
 
 class ControlError(Exception):
     """No agent answered, or it answered something unreadable."""
+
+
+_request = threading.local()  # .after: the actions of the request this thread answers
+
+
+def after_reply(action: Callable[[], None]) -> None:
+    """Run ``action`` once the answer to the request being handled on this thread has been
+    sent (or could not be: the client left) and its connection closed. Outside a
+    control-socket request (a direct ``Agent.handle`` call) it runs at once."""
+    pending: Optional[List[Callable[[], None]]] = getattr(_request, "after", None)
+    if pending is None:
+        action()
+    else:
+        pending.append(action)
 
 
 def peer_uid(conn: socket.socket) -> int:
@@ -70,12 +86,17 @@ class ControlServer:
                 self.accept_errors += 1
                 self._stop.wait(ACCEPT_BACKOFF_S)
                 continue
-            with conn:
-                conn.settimeout(2.0)
-                try:
+            _request.after = []
+            try:
+                # a slow or broken client never stops the server
+                with conn, contextlib.suppress(OSError, ValueError):
+                    conn.settimeout(2.0)
                     self._answer(conn)
-                except (OSError, ValueError):
-                    continue  # a slow or broken client never stops the server
+            finally:
+                actions, _request.after = _request.after, None
+                for action in actions:  # the server lives on; an action reports its failures
+                    with contextlib.suppress(Exception):
+                        action()
 
     def _answer(self, conn: socket.socket) -> None:
         uid = peer_uid(conn)

@@ -146,6 +146,10 @@ class Agent:
         self.prewarmer: Optional[Prewarmer] = None
         self.decider: Decider  # made in start(), once the cache is loaded
         self._stop = threading.Event()
+        # set by request_stop (an authorized stop, docs/breakglass.md): why, and whether the
+        # runner releases what outlives the agent (pinned BPF programs, self-protection)
+        self._stop_why: Optional[str] = None
+        self._stop_release = False
         self._reload = threading.Event()
         self._next_status = self._next_flush = 0.0  # main loop timers (run)
         # control-socket verbs: each feature registers its own (status, policy-apply, ...)
@@ -357,11 +361,30 @@ class Agent:
         for warning in snap.warnings:
             self.say(f"WARNING: {warning}")
 
+    def request_stop(self, why: str, release: bool) -> None:
+        """Ask the main loop to stop (from any thread): ``why`` goes into the stop record;
+        ``release`` has the runner remove what would outlive the agent before it stops."""
+        self._stop_why = why
+        self._stop_release = release
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
     def stop(self, why: str) -> None:
         self.service.stopping(why)  # STOPPING=1 first: systemd waits, not restarts
         if self.prewarmer is not None:
             self.prewarmer.stop()
         if self.runner is not None:
+            if self._stop_release:  # only runners that outlive the agent have release()
+                release = getattr(self.runner, "release", None)
+                if callable(release):
+                    try:
+                        release()
+                    except Exception as exc:  # still stop: the record says what stayed
+                        why = f"{why}; release failed: {exc!r}"
+                        self.say(f"WARNING: release of {self.runner.name} failed: {exc!r}")
             self.runner.stop()
         if hasattr(self, "decider"):
             self.decider.cache.flush()
@@ -389,6 +412,7 @@ class Agent:
                     self._turn(time.monotonic())
                 except Exception as exc:  # last resort (EMFILE, a bug): the agent lives on
                     self.say(f"WARNING: main loop: {exc!r}")
+            why = self._stop_why or why
         except (BackendUnavailable, ControlError, ExecguardError, OSError) as exc:
             why = f"failed: {exc}"
             print(f"execguard run: {exc}", file=sys.stderr)

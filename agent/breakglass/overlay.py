@@ -24,6 +24,7 @@ from agent.breakglass.token import (
     DEFAULT_KEYS_DIR,
     DEFAULT_MAX_SECONDS,
     DEFAULT_THRESHOLD,
+    GRANT_MONITOR,
     HostId,
     Ledger,
     Rejected,
@@ -119,9 +120,9 @@ class BreakGlass:
             return {"error": "breakglass-apply: the request needs 'token' (the token's text)"}
         with self._lock:
             try:
-                token = self._admit(text.encode(errors="replace"))
+                token = self.admit(text.encode(errors="replace"))
             except Rejected as exc:
-                self._rejected(exc, text)
+                self.rejected(exc, text)
                 return {"error": str(exc), "rejected": exc.code}
             now = self.clock()
             previous = self.active
@@ -135,7 +136,7 @@ class BreakGlass:
             if previous is not None:
                 self._ended(previous.token.nonce, "superseded",
                             f"superseded by {token.token_id}")
-            self._event(AgentEventKind.BREAKGLASS_APPLY, token.nonce, (
+            self.event(AgentEventKind.BREAKGLASS_APPLY, token.nonce, (
                 ("issuer", token.issuer), ("not_after", iso(token.not_after)),
                 ("info", token.reason)))
             self.agent.say(f"BREAK-GLASS applied: monitor mode until {iso(token.not_after)} "
@@ -176,8 +177,15 @@ class BreakGlass:
                 if self.active is active:
                     self._revert("expired", f"not_after {iso(active.token.not_after)} reached")
 
-    # -- internals --------------------------------------------------------------------------
-    def _admit(self, data: bytes) -> Token:
+    # -- admission: shared with ``execguard stop`` (agent/breakglass/stop.py) -------------
+    def admit(self, data: bytes, grant: str = GRANT_MONITOR, event: str = "applied",
+              **extra: Any) -> Token:
+        """The token in ``data``, verified for ``grant`` and spent: its ``event`` line (with
+        ``extra``) is in the ledger before this returns. Rejected otherwise, nothing spent."""
+        with self._lock:
+            return self._admit(data, grant, event, extra)
+
+    def _admit(self, data: bytes, grant: str, event: str, extra: Dict[str, Any]) -> Token:
         try:
             host = self.host()
         except ExecguardError as exc:
@@ -189,7 +197,7 @@ class BreakGlass:
         if not pinned:
             raise Rejected("no-keys", f"no break-glass key is pinned in {self.keys_dir}")
         token = verify(data, SOURCE, pinned, host, self.clock(), self.max_seconds,
-                       self.threshold)
+                       self.threshold, grant)
         try:
             spent = self.ledger.spent()
         except ExecguardError as exc:
@@ -198,8 +206,8 @@ class BreakGlass:
             raise Rejected("replayed", f"token {token.token_id} was already applied on this "
                            "host; a token is single-use")
         try:  # spent before it takes effect: a crash after this cannot allow a replay
-            self.ledger.append({"event": "applied", "at": iso(self.clock()),
-                                "nonce": token.nonce, "token": token.to_json()})
+            self.ledger.append({"event": event, "at": iso(self.clock()),
+                                "nonce": token.nonce, "token": token.to_json(), **extra})
         except (OSError, ExecguardError) as exc:
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             raise Rejected("ledger-error", f"{self.ledger.path}: cannot record the token "
@@ -230,20 +238,26 @@ class BreakGlass:
                                 "why": why, "detail": detail})
         except (OSError, ExecguardError) as exc:
             self._warn(f"{self.ledger.path}: cannot record the end of {nonce[:12]}: {exc}")
-        self._event(AgentEventKind.BREAKGLASS_END, nonce, (("reason", why), ("info", detail)))
+        self.event(AgentEventKind.BREAKGLASS_END, nonce, (("reason", why), ("info", detail)))
 
-    def _rejected(self, exc: Rejected, text: str) -> None:
+    def rejected(self, exc: Rejected, text: str,
+                 kind: AgentEventKind = AgentEventKind.BREAKGLASS_REJECT,
+                 verb: Optional[str] = None) -> None:
+        """A refused token: a ``rejected`` ledger line (with ``verb`` when it is not
+        ``breakglass apply``), a ``kind`` agent event and a console line."""
         nonce = claimed_nonce(text.encode())
+        record: Dict[str, Any] = {"event": "rejected", "at": iso(self.clock()), "nonce": nonce,
+                                  "why": exc.code, "detail": exc.detail[:1000]}
+        if verb is not None:
+            record["verb"] = verb
         try:
-            self.ledger.append({"event": "rejected", "at": iso(self.clock()), "nonce": nonce,
-                                "why": exc.code, "detail": exc.detail[:1000]})
+            self.ledger.append(record)
         except (OSError, ExecguardError) as err:
             self._warn(f"{self.ledger.path}: cannot record a rejection: {err}")
-        self._event(AgentEventKind.BREAKGLASS_REJECT, nonce, (
-            ("reason", exc.code), ("info", exc.detail[:900])), ok=False)
-        self.agent.say(f"break-glass token rejected: {exc}")
+        self.event(kind, nonce, (("reason", exc.code), ("info", exc.detail[:900])), ok=False)
+        self.agent.say(f"{verb or 'break-glass'} token rejected: {exc}")
 
-    def _event(self, kind: AgentEventKind, nonce: Optional[str],
+    def event(self, kind: AgentEventKind, nonce: Optional[str],
                fields: Tuple[Tuple[str, Any], ...], ok: bool = True) -> None:
         recorder = self.agent.recorder
         if recorder is not None:
@@ -261,4 +275,7 @@ def register(agent: Agent) -> BreakGlass:
     controller = BreakGlass(agent, opts.breakglass_keys or DEFAULT_KEYS_DIR,
                             opts.breakglass_max_seconds or DEFAULT_MAX_SECONDS)
     controller.register()
+    from agent.breakglass.stop import register as register_stop
+
+    register_stop(agent, controller)  # the control verb "stop": the same keys and ledger
     return controller

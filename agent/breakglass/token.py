@@ -3,10 +3,12 @@
 A token is a DSSE envelope (``agent.envelope``) whose payloadType is its own, so a policy
 bundle or a binary signature never verifies as a token. Its payload is canonical JSON
 (sorted keys, no whitespace): the host (hostname AND machine-id), a random nonce, issued_at,
-not_before, not_after (UNIX seconds), the reason and the issuer's key id. ``verify`` checks,
-in this order, the envelope, the signatures against the pinned keys, the payload's shape,
-the host and the clock; ``Ledger`` remembers every nonce ever applied, so a token is used
-once, across agent restarts. The rules and their reasons are in docs/breakglass.md.
+not_before, not_after (UNIX seconds), the reason, the issuer's key id and the grant:
+``monitor`` (``breakglass apply``: monitor mode until not_after) or ``stop`` (``execguard
+stop``: the agent stops and releases enforcement). ``verify`` checks, in this order, the
+envelope, the signatures against the pinned keys, the payload's shape, the grant, the host
+and the clock; ``Ledger`` remembers every nonce ever spent, so a token is used once, across
+agent restarts. The rules and their reasons are in docs/breakglass.md.
 """
 
 from __future__ import annotations
@@ -29,7 +31,10 @@ from agent.verify.keys import key_fingerprint, load_public_key
 from agent.verify.model import TrustedKey
 
 PAYLOAD_TYPE = "application/vnd.execguard.breakglass+json;v=1"
-GRANT = "monitor"  # what a token grants; the only grant there is
+# what a token grants: each verb accepts its own grant only (wrong-grant otherwise)
+GRANT_MONITOR = "monitor"  # breakglass apply: monitor mode until not_after
+GRANT_STOP = "stop"  # execguard stop: the agent stops and releases enforcement
+GRANTS = (GRANT_MONITOR, GRANT_STOP)  # monitor: the default, and all tokens before "stop"
 DEFAULT_KEYS_DIR = "/etc/execguard/keys/breakglass"
 DEFAULT_MAX_SECONDS = 24 * 3600
 DEFAULT_THRESHOLD = 1
@@ -38,6 +43,8 @@ DEFAULT_THRESHOLD = 1
 CLOCK_SKEW_S = 120
 MACHINE_ID_PATH = "/etc/machine-id"
 LEDGER_NAME = "breakglass.jsonl"
+# ledger events that spend a nonce: a monitor token applied, a stop token used
+SPENDING_EVENTS = ("applied", "stop")
 MAX_TOKEN_BYTES = 3072  # it travels in one control-socket request (4096 bytes)
 MAX_REASON = 500
 MAX_LEDGER_BYTES = 64 * 1024 * 1024
@@ -52,7 +59,8 @@ class Rejected(ExecguardError):
     """The token was refused; ``code`` is a stable word for logs and ``--json``."""
 
     CODES = ("malformed", "no-keys", "untrusted-key", "bad-signature", "wrong-host",
-             "not-yet-valid", "expired", "too-long", "replayed", "ledger-error")
+             "not-yet-valid", "expired", "too-long", "replayed", "ledger-error",
+             "wrong-grant")
 
     def __init__(self, code: str, detail: str) -> None:
         assert code in self.CODES, code
@@ -117,7 +125,7 @@ class Token:
     not_after: int
     reason: str
     issuer: str  # key id (fingerprint) of the signer who issued it
-    grant: str = GRANT
+    grant: str = GRANT_MONITOR
 
     @property
     def duration(self) -> int:
@@ -151,8 +159,9 @@ class Token:
                                  f"{sorted(_FIELDS)}")
         if canonical(doc) != data:
             raise MalformedInput(source, "payload is not in canonical form")
-        if doc["grant"] != GRANT:
-            raise MalformedInput(source, f"grant {doc['grant']!r} is unknown (only {GRANT!r})")
+        if doc["grant"] not in GRANTS:
+            raise MalformedInput(source, f"grant {doc['grant']!r} is unknown (one of "
+                                 f"{', '.join(GRANTS)})")
         host = doc["host"]
         if not isinstance(host, dict) or sorted(host) != ["hostname", "machine_id"]:
             raise MalformedInput(source, "host: expected {hostname, machine_id}")
@@ -184,8 +193,10 @@ def canonical(doc: Mapping[str, Any]) -> bytes:
 
 def issue(key: PrivateKey, host: HostId, seconds: int, reason: str, *,
           not_before: Optional[int] = None, now: Optional[float] = None,
-          max_seconds: int = DEFAULT_MAX_SECONDS) -> Tuple[Token, Envelope]:
-    """Sign a token for ``host`` valid ``seconds`` from ``not_before`` (default: now)."""
+          max_seconds: int = DEFAULT_MAX_SECONDS,
+          grant: str = GRANT_MONITOR) -> Tuple[Token, Envelope]:
+    """Sign a token granting ``grant`` on ``host``, valid ``seconds`` from ``not_before``
+    (default: now)."""
     issued = int(time.time() if now is None else now)
     start = issued if not_before is None else int(not_before)
     reason = reason.strip()
@@ -199,8 +210,10 @@ def issue(key: PrivateKey, host: HostId, seconds: int, reason: str, *,
     if not reason_ok(reason):
         raise ExecguardError(f"the reason must be 1 to {MAX_REASON} printable characters "
                              "on one line")
+    if grant not in GRANTS:
+        raise ExecguardError(f"grant {grant!r} is unknown (one of {', '.join(GRANTS)})")
     token = Token(host, secrets.token_hex(16), issued, start, start + seconds, reason,
-                  key_fingerprint(key.public_key()))
+                  key_fingerprint(key.public_key()), grant)
     return token, Envelope(PAYLOAD_TYPE, token.payload()).signed_by(key)
 
 
@@ -225,9 +238,9 @@ def load_pinned_keys(directory: str) -> Dict[str, TrustedKey]:
 
 def verify(data: bytes, source: str, pinned: Mapping[str, TrustedKey], host: HostId,
            now: float, max_seconds: int = DEFAULT_MAX_SECONDS,
-           threshold: int = DEFAULT_THRESHOLD) -> Token:
-    """The token in ``data`` if it may be applied on ``host`` at ``now``; else Rejected.
-    (Single use is the ledger's part.)"""
+           threshold: int = DEFAULT_THRESHOLD, grant: str = GRANT_MONITOR) -> Token:
+    """The token in ``data`` if it grants ``grant`` and may be used on ``host`` at ``now``;
+    else Rejected. (Single use is the ledger's part.)"""
     if len(data) > MAX_TOKEN_BYTES:
         raise Rejected("malformed", f"{source}: {len(data)} bytes, a token is at most "
                        f"{MAX_TOKEN_BYTES}")
@@ -252,6 +265,9 @@ def verify(data: bytes, source: str, pinned: Mapping[str, TrustedKey], host: Hos
     if token.issuer not in report.valid:
         raise Rejected("untrusted-key", f"{source}: names issuer {token.issuer}, which did "
                        "not sign it")
+    if token.grant != grant:
+        raise Rejected("wrong-grant", f"{source}: token {token.token_id} grants "
+                       f"{token.grant!r}, this needs a {grant!r} token ({_USE[token.grant]})")
     if token.host != host:
         raise Rejected("wrong-host", f"issued for {token.host.text()}, this host is "
                        f"{host.text()}")
@@ -266,6 +282,10 @@ def verify(data: bytes, source: str, pinned: Mapping[str, TrustedKey], host: Hos
                        f"{_ago(token.not_before - now)} (allowed clock skew "
                        f"{CLOCK_SKEW_S} s)")
     return token
+
+
+_USE = {GRANT_MONITOR: "a monitor token is for 'execguard breakglass apply'",
+        GRANT_STOP: "a stop token is for 'execguard stop'"}
 
 
 def claimed_nonce(data: bytes) -> Optional[str]:
@@ -291,8 +311,9 @@ def _ago(seconds: float) -> str:
 class Ledger:
     """``<state_dir>/breakglass.jsonl``: one JSON object per line, appended and fsync'ed.
 
-    Events: ``applied`` (the nonce is spent from here on), ``ended`` (why: expired,
-    revoked, superseded, agent restarted) and ``rejected``. The file is the agent's own
+    Events: ``applied`` (a monitor token: the nonce is spent from here on), ``ended`` (why:
+    expired, revoked, superseded, agent restarted), ``stop`` (a stop token: spent, the agent
+    stops) and ``rejected``. The file is the agent's own
     record of break-glass and the replay guard: it is never pruned. A torn last line (a
     crash while appending) is ignored, since the apply it belonged to never took effect;
     any other bad line makes every apply fail (fail closed: spent nonces are unknown).
@@ -324,7 +345,8 @@ class Ledger:
             yield rec
 
     def spent(self) -> Set[str]:
-        return {str(r.get("nonce")) for r in self.records() if r["event"] == "applied"}
+        return {str(r.get("nonce")) for r in self.records()
+                if r["event"] in SPENDING_EVENTS}
 
     def open_applies(self) -> List[Dict[str, Any]]:
         """``applied`` records with no ``ended`` after them (the agent stopped or died)."""

@@ -20,6 +20,7 @@ VERBS = {
     "run": "run_cmd",
     "denials": "denials_cmd",
     "breakglass": "breakglass_cmd",
+    "stop": "stop_cmd",
     "policy": "policy_cmd",
 }
 

@@ -11,6 +11,9 @@ from typing import Any, Dict, Optional
 from agent.breakglass.token import (
     DEFAULT_KEYS_DIR,
     DEFAULT_MAX_SECONDS,
+    GRANT_MONITOR,
+    GRANT_STOP,
+    GRANTS,
     MAX_TOKEN_BYTES,
     HostId,
     iso,
@@ -50,7 +53,10 @@ def add_parser(sub: Any) -> None:
     i = verbs.add_parser("issue", help="sign a token for one host (offline)",
                          description="Sign a break-glass token for HOST with the private key "
                          "KEY (a cosign key, password from COSIGN_PASSWORD or a prompt, or a "
-                         "plain PEM). The token is printed, or written to -o FILE.",
+                         "plain PEM). The token is printed, or written to -o FILE. --grant "
+                         "monitor (the default) is for 'breakglass apply'; --grant stop is "
+                         "for 'execguard stop', which ends the agent and its enforcement. "
+                         "Each is refused by the other verb (wrong-grant).",
                          epilog=EPILOG)
     i.add_argument("--host", required=True, metavar="HOST",
                    help="what 'execguard breakglass host-id' prints on the target host")
@@ -61,6 +67,10 @@ def add_parser(sub: Any) -> None:
     i.add_argument("--reason", required=True, metavar="TEXT",
                    help="why (goes into the token, the audit log and the ledger)")
     i.add_argument("--key", required=True, metavar="KEY", help="break-glass private key")
+    i.add_argument("--grant", choices=GRANTS, default=GRANT_MONITOR,
+                   help="what the token allows: monitor (breakglass apply: monitor mode "
+                   "until it ends; the default) or stop (execguard stop: the agent stops "
+                   "and releases enforcement)")
     i.add_argument("-o", "--output", metavar="FILE", help="write the token here (mode 0600)")
     i.add_argument("--not-before", metavar="TIME",
                    help="valid from TIME (UNIX seconds or ISO 8601 UTC); default now")
@@ -187,7 +197,7 @@ def run_issue(args: argparse.Namespace) -> int:
         key = signing.load_private_key(_read_key(args.key), args.key, _password)
         not_before = parse_time(args.not_before) if args.not_before else None
         token, env = issue(key, host, seconds, args.reason, not_before=not_before,
-                           max_seconds=round(args.max_minutes * 60))
+                           max_seconds=round(args.max_minutes * 60), grant=args.grant)
         data = env.to_bytes()
         if args.output:
             signing.write_file(args.output, data, 0o600, force=True)
@@ -200,7 +210,9 @@ def run_issue(args: argparse.Namespace) -> int:
                           "output": args.output}))
     elif not args.output:
         sys.stdout.write(data.decode())
-    print(f"break-glass token {token.token_id} for {host.text()}: monitor mode from "
+    what = ("monitor mode from" if token.grant != GRANT_STOP else
+            "grant stop (execguard stop --token FILE), usable from")
+    print(f"break-glass token {token.token_id} for {host.text()}: {what} "
           f"{iso(token.not_before)} until {iso(token.not_after)} ({token.duration} s)"
           + (f"; written to {args.output}" if args.output else ""), file=sys.stderr)
     return EXIT_OK

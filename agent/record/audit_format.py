@@ -144,6 +144,8 @@ class AgentEventKind(str, Enum):
     BREAKGLASS_APPLY = "breakglass-apply"  # AUDIT_USYS_CONFIG: monitor mode until not_after
     BREAKGLASS_REJECT = "breakglass-reject"  # AUDIT_USYS_CONFIG, res=failed
     BREAKGLASS_END = "breakglass-end"  # AUDIT_USYS_CONFIG: expired, revoked, superseded...
+    AUTHORIZED_STOP = "authorized-stop"  # AUDIT_USYS_CONFIG: a stop token, the agent stops
+    STOP_REJECT = "stop-reject"  # AUDIT_USYS_CONFIG, res=failed: a stop refused, it runs on
 
     @property
     def audit_type(self) -> int:

@@ -1,0 +1,135 @@
+"""``execguard stop`` end to end: the real agent enforcing on a tmpfs the test owns
+(fanotify), real break-glass keys and tokens issued with the CLI, real execs, real auditd
+(tests/record_fixtures.py).
+
+A monitor token and a stop token for another host are refused and the agent keeps
+enforcing; a valid stop token stops it (exit 0), the stop is recorded with its reason, and
+enforcement ends with it; the same token against a second agent on the same state directory
+is refused (the ledger), and that agent runs on.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+import pytest
+
+from agent.breakglass.token import HostId
+from tests.agent_fixtures import REPO, exec_file, running_agent, scoped_tmpfs
+from tests.policy_fixtures import Material, copy_signed, material_fixture  # noqa: F401
+from tests.record_fixtures import auditd_running, run_tool, wait_in_log
+
+pytestmark = pytest.mark.timeout(300)
+
+# fanotify: this host refuses to load BPF LSM programs (execguard doctor); a runner that
+# outlives the agent (bpf-lsm, keep-enforcing) releases through Agent.stop (agent/daemon.py)
+BACKEND, DENY = "fanotify-exec", "fanotify-deny"
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True,
+                          text=True, timeout=60, cwd=str(REPO))
+
+
+@pytest.fixture
+def material(material_fixture: Material) -> Material:  # noqa: F811
+    return material_fixture
+
+
+def keygen(prefix: Path) -> Path:
+    done = cli("keygen", "--output-prefix", str(prefix), "--no-password")
+    assert done.returncode == 0, done.stderr
+    return Path(f"{prefix}.key")
+
+
+def issue(key: Path, host: str, out: Path, grant: str) -> Tuple[Path, str]:
+    """The token file and its nonce."""
+    done = cli("breakglass", "issue", "--host", host, "--seconds", "600", "--reason",
+               "INC-9: retire the host", "--key", str(key), "--grant", grant, "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    payload = json.loads(base64.b64decode(json.loads(out.read_text())["payload"]))
+    assert payload["grant"] == grant
+    return out, str(payload["nonce"])
+
+
+def stop(state: Path, token: Path, *extra: str) -> Tuple[int, Dict[str, Any]]:
+    done = cli("stop", "--token", str(token), "--state-dir", str(state), "--json", *extra)
+    lines = done.stdout.splitlines()
+    assert len(lines) == 1, (done.stdout, done.stderr)  # one JSON object, also on errors
+    return done.returncode, json.loads(lines[0])
+
+
+def ledger(state: Path) -> List[Tuple[Any, ...]]:
+    return [(r["event"], r.get("why"), r.get("verb")) for r in
+            map(json.loads, (state / "breakglass.jsonl").read_text().splitlines())]
+
+
+def test_authorized_stop_refusals_stop_and_replay(tmp_path: Path, material: Material) -> None:
+    bg_keys = tmp_path / "bg-keys"
+    bg_keys.mkdir()
+    ops_key = keygen(bg_keys / "ops")  # ops.pub is the pinned key; the .key is not read
+    host = cli("breakglass", "host-id").stdout.strip()
+    assert HostId.parse(host)
+    state = tmp_path / "state"
+    with auditd_running() as auditd, scoped_tmpfs() as scope:
+        unsigned = copy_signed(material.bins["app"], scope / "bad", None)
+        args = ("--mode", "enforce", "--scope", str(scope), "--key", str(material.keys["a"]),
+                "--backend", BACKEND, "--breakglass-keys", str(bg_keys))
+        monitor, _ = issue(ops_key, host, tmp_path / "monitor.tok", "monitor")
+        elsewhere, _ = issue(ops_key, "elsewhere:" + "f" * 32, tmp_path / "other.tok", "stop")
+        good, nonce = issue(ops_key, host, tmp_path / "stop.tok", "stop")
+
+        with running_agent(tmp_path, *args) as agent:
+            assert agent.status()["enforcement"] == DENY
+            assert exec_file(unsigned).returncode == 126
+
+            # refused: the agent keeps running and enforcing
+            for token, code in ((monitor, "wrong-grant"), (elsewhere, "wrong-host")):
+                rc, doc = stop(state, token)
+                assert rc == 1 and doc["rejected"] == code, doc
+                assert agent.proc.poll() is None
+                assert agent.status()["state"] == "ready"
+                assert exec_file(unsigned).returncode == 126
+
+            # a valid stop token: the answer comes, then the agent exits 0
+            rc, doc = stop(state, good, "--why", "decommission drill")
+            assert rc == 0 and doc["ok"] and doc["stopping"] and doc["token"] == nonce, doc
+            assert doc["pid"] == agent.proc.pid and doc["backend"] == BACKEND
+            assert agent.proc.wait(timeout=60) == 0
+            out = agent.output.read_text()
+            assert f"AUTHORIZED STOP by token {nonce[:12]}" in out, out[-3000:]
+            # enforcement ended with the agent (fanotify: its marks go with it)
+            ran = exec_file(unsigned)
+            assert ran.returncode == 0 and ran.stdout == "app\n"
+
+        # the same token against a new agent on the same state directory: spent
+        with running_agent(tmp_path, *args) as agent:
+            rc, doc = stop(state, good)
+            assert rc == 1 and doc["rejected"] == "replayed", doc
+            assert agent.proc.poll() is None and agent.status()["state"] == "ready"
+            assert exec_file(unsigned).returncode == 126
+
+        assert ledger(state) == [("rejected", "wrong-grant", "stop"),
+                                 ("rejected", "wrong-host", "stop"),
+                                 ("stop", None, None),
+                                 ("rejected", "replayed", "stop")]
+
+        # auditd: the authorized stop, its stop record with the why, every refusal
+        wait_in_log(auditd.log_file, "op=stop-reject", 3)
+        found = run_tool("ausearch", "-m", "USYS_CONFIG", "-i", "-if", auditd.log_file)
+        lines = [x for x in found.splitlines() if "op=authorized-stop" in x or
+                 "op=stop-reject" in x]
+        assert any("op=authorized-stop" in x and f"token={nonce}" in x and
+                   "info=decommission drill (token reason: INC-9: retire the host)" in x
+                   and "res=success" in x for x in lines), lines
+        for code in ("wrong-grant", "wrong-host", "replayed"):
+            assert any("op=stop-reject" in x and f"reason={code}" in x and "res=failed" in x
+                       for x in lines), (code, lines)
+        stops = run_tool("ausearch", "-m", "SERVICE_STOP", "-i", "-if", auditd.log_file)
+        assert f"info=authorized stop by token {nonce[:12]}: decommission drill" in stops, \
+            stops[-3000:]
