@@ -308,6 +308,11 @@ class Agent:
             assert self.recorder is not None
             self.recorder.agent_event(backend_selected(name, "none", why, ok=False))
 
+        from agent.backends import tamper
+        from agent.breakglass.token import DEFAULT_KEYS_DIR
+
+        # self-protection guards what the agent trusts beyond the policy's own paths
+        tamper.EXTRA_GUARDED[:] = [self.opts.breakglass_keys or DEFAULT_KEYS_DIR]
         runner, result = start_backend(first, self.decider, self.record, skipped)
         self.runner = runner
         st = self.status_state

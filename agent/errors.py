@@ -31,6 +31,7 @@ class Reason(str, Enum):
     NO_PATH = "no-path"  # an exec or mapping of a file with no name (memfd, O_TMPFILE, deleted)
     MOUNT_INTO_SCOPE = "mount-into-scope"  # a mount onto a path in scope, refused
     PTRACE_INTO_SCOPE = "ptrace-into-scope"  # a ptrace attach to a program in scope, refused
+    TAMPER = "tamper"  # an attempt on the agent, its BPF objects or its files, refused
     OPEN_FOR_WRITE = "open-for-write"  # mapped executable while open for write: bytes may change
 
 

@@ -22,6 +22,9 @@ enum eg_msg_op {
 	EG_MSG_PTRACE = 5,   /* a ptrace attach to a program in scope was refused; aux = target tgid */
 	EG_MSG_SCRIPT = 6,   /* kill/audit: an interpreter outside every scope started for the
 			      * file named in path (#!, binfmt_misc); user space judges that file */
+	EG_MSG_TAMPER = 7,   /* bpf-lsm self-protection refused an attempt on the agent; aux =
+			      * EG_TAMPER_* << 16 | detail, dev/ino = the object, size = the
+			      * target tgid (signals, ptrace, rlimits) */
 };
 
 /* What the kernel knew about the file when it ran (verdict map lookup). */

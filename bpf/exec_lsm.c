@@ -11,6 +11,7 @@
  * drops it, when verdicts depend on paths).
  */
 #define EG_PATH_D_PATH 1 /* bprm_check_security is a hook bpf_d_path may be called from */
+#define EG_PROTECT 1     /* the self-protection hooks below (exec_verdict.h) */
 #include "exec_verdict.h"
 
 LSM_PROBE(bprm_check_security, struct linux_binprm *bprm)
@@ -31,6 +32,9 @@ LSM_PROBE(file_mprotect, struct vm_area_struct *vma, unsigned long reqprot, unsi
 
 LSM_PROBE(file_open, struct file *file)
 {
+	int ret = eg_guard_open(file);
+	if (ret)
+		return ret;
 	eg_forget_if_write(file);
 	eg_note_open(file);
 	return 0;
@@ -38,7 +42,11 @@ LSM_PROBE(file_open, struct file *file)
 
 LSM_PROBE(path_truncate, const struct path *path)
 {
-	eg_forget_inode(eg_dentry_inode(EG_LOAD(const void *, path, EG_OFF_PATH_DENTRY)));
+	const void *dentry = EG_LOAD(const void *, path, EG_OFF_PATH_DENTRY);
+	int ret = eg_guard_change(dentry, eg_dentry_inode(dentry), EG_OPN_TRUNCATE);
+	if (ret)
+		return ret;
+	eg_forget_inode(eg_dentry_inode(dentry));
 	return 0;
 }
 
@@ -49,6 +57,9 @@ LSM_PROBE(inode_setattr, struct mnt_idmap *idmap, struct dentry *dentry, struct 
 LSM_PROBE(inode_setattr, struct dentry *dentry, struct iattr *attr)
 #endif
 {
+	int ret = eg_guard_change(dentry, eg_dentry_inode(dentry), EG_OPN_SETATTR);
+	if (ret)
+		return ret;
 	eg_setattr(eg_dentry_inode(dentry), attr);
 	return 0;
 }
@@ -56,6 +67,11 @@ LSM_PROBE(inode_setattr, struct dentry *dentry, struct iattr *attr)
 LSM_PROBE(inode_rename, struct inode *old_dir, struct dentry *old_dentry, struct inode *new_dir,
 	  struct dentry *new_dentry)
 {
+	int ret = eg_guard_change(old_dentry, eg_dentry_inode(old_dentry), EG_OPN_RENAME);
+	if (!ret)
+		ret = eg_guard_change(new_dentry, eg_dentry_inode(new_dentry), EG_OPN_RENAME);
+	if (ret)
+		return ret;
 	eg_renamed(old_dentry);
 	eg_renamed(new_dentry); /* RENAME_EXCHANGE moves it too; a plain rename replaces it */
 	return 0;
@@ -63,22 +79,127 @@ LSM_PROBE(inode_rename, struct inode *old_dir, struct dentry *old_dentry, struct
 
 LSM_PROBE(inode_link, struct dentry *old_dentry, struct inode *dir, struct dentry *new_dentry)
 {
+	/* a second name for a guarded file, or a name inside a guarded directory */
+	int ret = eg_guard_change(old_dentry, eg_dentry_inode(old_dentry), EG_OPN_LINK);
+	if (!ret)
+		ret = eg_guard_change(new_dentry, 0, EG_OPN_LINK);
+	if (ret)
+		return ret;
 	eg_renamed(old_dentry);
 	return 0;
+}
+
+LSM_PROBE(inode_unlink, struct inode *dir, struct dentry *dentry)
+{
+	return eg_guard_change(dentry, eg_dentry_inode(dentry), EG_OPN_UNLINK);
+}
+
+LSM_PROBE(inode_rmdir, struct inode *dir, struct dentry *dentry)
+{
+	return eg_guard_change(dentry, eg_dentry_inode(dentry), EG_OPN_UNLINK);
+}
+
+LSM_PROBE(inode_create, struct inode *dir, struct dentry *dentry, umode_t mode)
+{
+	return eg_guard_change(dentry, 0, EG_OPN_CREATE);
+}
+
+LSM_PROBE(inode_mkdir, struct inode *dir, struct dentry *dentry, umode_t mode)
+{
+	return eg_guard_change(dentry, 0, EG_OPN_CREATE);
+}
+
+LSM_PROBE(inode_mknod, struct inode *dir, struct dentry *dentry, umode_t mode, dev_t dev)
+{
+	return eg_guard_change(dentry, 0, EG_OPN_CREATE);
+}
+
+LSM_PROBE(inode_symlink, struct inode *dir, struct dentry *dentry, const char *old_name)
+{
+	return eg_guard_change(dentry, 0, EG_OPN_CREATE);
+}
+
+LSM_PROBE(inode_permission, struct inode *inode, int mask)
+{
+	return eg_guard_permission(inode, mask);
 }
 
 LSM_PROBE(sb_mount, const char *dev_name, const struct path *path, const char *type,
 	  unsigned long flags, void *data)
 {
-	return eg_guard_mount(EG_LOAD(const void *, path, EG_OFF_PATH_DENTRY), flags);
+	const void *target = EG_LOAD(const void *, path, EG_OFF_PATH_DENTRY);
+	int ret = (flags & EG_MS_REMOUNT) ? 0 : eg_guard_mount_target(target);
+	return ret ? ret : eg_guard_mount(target, flags);
 }
 
 LSM_PROBE(move_mount, const struct path *from_path, const struct path *to_path)
 {
-	return eg_guard_mount(EG_LOAD(const void *, to_path, EG_OFF_PATH_DENTRY), EG_MS_MOVE);
+	const void *target = EG_LOAD(const void *, to_path, EG_OFF_PATH_DENTRY);
+	int ret = eg_guard_mount_target(target);
+	return ret ? ret : eg_guard_mount(target, EG_MS_MOVE);
+}
+
+struct vfsmount;
+LSM_PROBE(sb_umount, struct vfsmount *mnt, int flags)
+{
+	return eg_guard_umount(mnt);
 }
 
 LSM_PROBE(ptrace_access_check, struct task_struct *child, unsigned int mode)
 {
-	return eg_guard_ptrace(child, mode);
+	int ret = eg_guard_task(child, EG_TAMPER_PTRACE, mode);
+	return ret ? ret : eg_guard_ptrace(child, mode);
+}
+
+/* ---- self-protection: the agent's process and its BPF objects (exec_verdict.h) ---- */
+
+struct kernel_siginfo;
+struct cred;
+struct rlimit;
+struct bpf_map;
+struct bpf_prog;
+union bpf_attr;
+
+LSM_PROBE(task_kill, struct task_struct *p, struct kernel_siginfo *info, int sig,
+	  const struct cred *cred)
+{
+	return eg_guard_signal(p, sig);
+}
+
+LSM_PROBE(task_setrlimit, struct task_struct *p, unsigned int resource, struct rlimit *new_rlim)
+{
+	return eg_guard_task(p, EG_TAMPER_TASK, EG_TASK_RLIMIT);
+}
+
+LSM_PROBE(task_setscheduler, struct task_struct *p)
+{
+	return eg_guard_task(p, EG_TAMPER_TASK, EG_TASK_SCHED);
+}
+
+LSM_PROBE(task_setnice, struct task_struct *p, int nice)
+{
+	return eg_guard_task(p, EG_TAMPER_TASK, EG_TASK_NICE);
+}
+
+LSM_PROBE(task_setioprio, struct task_struct *p, int ioprio)
+{
+	return eg_guard_task(p, EG_TAMPER_TASK, EG_TASK_IOPRIO);
+}
+
+LSM_PROBE(bpf, int cmd, union bpf_attr *attr, unsigned int size)
+{
+	return eg_guard_bpf(cmd, attr);
+}
+
+LSM_PROBE(bpf_map, struct bpf_map *map, fmode_t fmode)
+{
+	if (!(fmode & EG_FMODE_WRITE))
+		return 0; /* a read-only descriptor: counters and verdicts may be read */
+	return eg_guard_id(EG_ID_MAP, EG_LOAD(__u32, map, EG_OFF_MAP_ID), 0);
+}
+
+LSM_PROBE(bpf_prog, struct bpf_prog *prog)
+{
+	const void *aux = EG_LOAD(const void *, prog, EG_OFF_PROG_AUX);
+	return aux ? eg_guard_id(EG_ID_PROG, EG_LOAD(__u32, aux, EG_OFF_PROG_AUX_ID), 0) : 0;
 }

@@ -80,6 +80,10 @@
 #define EG_LSM_CFG_UNSEEN_OUT 0x80   /* filesystems without a class are out of scope (weaker) */
 #define EG_LSM_CFG_STRICT_MAPS 0x100 /* the pre-scan verified the whole scope: a mapping of a
 				      * file without a verdict is denied, untouched or not */
+#define EG_LSM_CFG_PROTECT 0x200     /* self-protection: the agent, its objects and files are
+				      * refused to everyone else (EG_PROTECT programs only) */
+#define EG_LSM_CFG_BPF_LOAD 0x400    /* and nobody else loads programs that run in other
+				      * processes' context (tracing, kprobes, LSM, ...) */
 
 /* sb_class values: the class in the low byte (agent/scope/classify.py FsClass) */
 #define EG_SB_OUT 1
@@ -100,7 +104,9 @@
 #define EG_LSM_STAT_MOUNTS_REFUSED 8
 #define EG_LSM_STAT_PTRACE_REFUSED 9
 #define EG_LSM_STAT_EPOCHS 10       /* directory renames under path rules */
-#define EG_LSM_STAT_N 11
+#define EG_LSM_STAT_ORPHAN_DENIED 11 /* denials while no agent answered (its heartbeat stale) */
+#define EG_LSM_STAT_TAMPER 12       /* attempts on the agent refused (self-protection) */
+#define EG_LSM_STAT_N 13
 
 struct linux_binprm;
 struct file;
@@ -119,14 +125,25 @@ struct eg_runtime {
 	__u32 _pad;
 	__u64 fresh_after_ns; /* CLOCK_REALTIME when the agent started: a ctime at or after it
 			       * means the file was written, created, renamed or chmod'ed since */
+	__u64 agent_seen_ns;  /* boot clock of the agent's last heartbeat (0: never): pinned
+			       * programs outlive their agent, and count what they deny alone */
+	__u32 pin_dev;        /* kernel dev of the bpffs holding the pins (self-protection) */
+	__u32 _pad2;
 };
+
+#ifndef EG_ORPHAN_NS
+#define EG_ORPHAN_NS 5000000000ULL /* no heartbeat for this long: no agent answers */
+#endif
+#ifndef EG_TICK_NS
+#define EG_TICK_NS 10000000ULL /* 1e9 / USER_HZ: /proc/PID/stat counts start times in ticks */
+#endif
 
 BPF_RINGBUF_OUTPUT(events, EG_RINGBUF_PAGES);
 BPF_HASH(verdicts, struct eg_file_key, struct eg_verdict, EG_VERDICT_MAX);
 BPF_HASH(sb_class, __u32, __u32, EG_SB_MAX);                  /* kernel dev -> EG_SB_* */
 BPF_HASH(scope_dirs, struct eg_file_key, __u32, EG_SCOPE_MAX); /* scope roots in PARTIAL fs */
 BPF_HASH(loaders, struct eg_file_key, __u32, 64);              /* ld.so and friends */
-BPF_HASH(exempt, __u32, __u32, 64);                            /* the agent's tgid */
+BPF_HASH(exempt, __u32, __u64, 64); /* the agent's tgid -> its start time in ticks */
 BPF_ARRAY(config, struct eg_config, 1);
 BPF_ARRAY(runtime, struct eg_runtime, 1);
 BPF_PERCPU_ARRAY(stats, __u64, EG_LSM_STAT_N);
@@ -189,24 +206,52 @@ static __always_inline int eg_inode_key(const void *inode, struct eg_file_key *k
 	return 1;
 }
 
+/* Is this task (a thread) the agent? Its tgid is in the exempt map and, where the program
+ * knows where a task's start time is, its process started when the agent did: pinned
+ * programs outlive the agent, and its pid may come back as someone else's. */
+static __always_inline int eg_task_is_agent(const void *task)
+{
+	if (!task)
+		return 0;
+	__u32 tgid = EG_LOAD(__u32, task, EG_OFF_TASK_TGID);
+	__u64 *start = exempt.lookup(&tgid);
+	if (!start)
+		return 0;
+#ifdef EG_OFF_TASK_START_BOOTTIME
+	const void *leader = EG_LOAD(const void *, task, EG_OFF_TASK_GROUP_LEADER);
+	if (!leader)
+		return 0;
+	return EG_LOAD(__u64, leader, EG_OFF_TASK_START_BOOTTIME) / EG_TICK_NS == *start;
+#else
+	return 1;
+#endif
+}
+
 static __always_inline int eg_exempt(void)
 {
-	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
-	return exempt.lookup(&tgid) != 0;
+	return eg_task_is_agent(bpf_get_current_task_btf());
 }
 
 /* The agent, or a process it started (its helpers: mount, auditctl): one level is enough,
  * the agent starts nothing that starts more. */
 static __always_inline int eg_exempt_or_child(void)
 {
-	if (eg_exempt())
-		return 1;
 	const void *task = bpf_get_current_task_btf();
-	const void *parent = EG_LOAD(const void *, task, EG_OFF_TASK_REAL_PARENT);
-	if (!parent)
+	if (eg_task_is_agent(task))
+		return 1;
+	return eg_task_is_agent(EG_LOAD(const void *, task, EG_OFF_TASK_REAL_PARENT));
+}
+
+/* No agent has answered for EG_ORPHAN_NS: the pinned programs enforce alone. */
+static __always_inline int eg_orphaned(void)
+{
+	int zero = 0;
+	struct eg_runtime *rt = runtime.lookup(&zero);
+	if (!rt || !rt->agent_seen_ns)
 		return 0;
-	__u32 ptgid = EG_LOAD(__u32, parent, EG_OFF_TASK_TGID);
-	return exempt.lookup(&ptgid) != 0;
+	/* signed: user space's clock read may land a little after this one's */
+	__s64 age = (__s64)(bpf_ktime_get_boot_ns() - rt->agent_seen_ns);
+	return age > (__s64)EG_ORPHAN_NS;
 }
 
 /* ------------------------------------------------------------------------------- where */
@@ -553,6 +598,8 @@ static __always_inline int eg_judge_exec(const void *bprm)
 		evflags |= EG_F_EPERM;
 		ret = -EG_EPERM;
 		eg_count(loader ? EG_LSM_STAT_LOADER_DENIED : EG_LSM_STAT_DENIED);
+		if (eg_orphaned())
+			eg_count(EG_LSM_STAT_ORPHAN_DENIED);
 	}
 
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
@@ -642,6 +689,8 @@ static __always_inline int eg_judge_map(const void *file, __u8 op, unsigned long
 		evflags |= EG_F_EPERM;
 		ret = -EG_EPERM;
 		eg_count(EG_LSM_STAT_MAPS_DENIED);
+		if (eg_orphaned())
+			eg_count(EG_LSM_STAT_ORPHAN_DENIED);
 	}
 	if (state == EG_STATE_ALLOW)
 		return ret; /* a hit: nothing to record (the exec or first mapping was) */
@@ -738,5 +787,266 @@ static __always_inline int eg_guard_ptrace(const void *child, unsigned int mode)
 		eg_send(e);
 	return ret;
 }
+
+/* ----------------------------------------------------------------------------- protect */
+#ifdef EG_PROTECT
+/* Self-protection (bpf-lsm; docs/threat-model.md "Tamper resistance"). While the agent
+ * enforces with its programs pinned, every process but the agent is refused: signals to
+ * it, ptrace of it, changes to its limits and scheduling, file descriptors for its maps,
+ * programs and links (by id or by pinned path), changes to its pin directory, unmounting
+ * the bpffs that holds it, and changes to the files and directories it registers (its code,
+ * state, keys, policy). Each refusal is a record (EG_MSG_TAMPER). */
+#ifndef EG_GUARD_MAX
+#define EG_GUARD_MAX 1024
+#endif
+#define EG_GUARD_DIR 1  /* a directory: nothing below it is created, written or removed */
+#define EG_GUARD_PIN 2  /* a pinned object: not even opened */
+#define EG_GUARD_FILE 4 /* a file: not written, renamed, linked or removed */
+#define EG_GUARD_RO 8   /* with EG_GUARD_PIN: may be opened read-only (the counters a
+			 * restarted agent reads from an orphaned program) */
+#define EG_MAY_WRITE 2
+#define EG_BPF_F_RDONLY (1U << 3)
+#define EG_GUARD_WALK 24 /* directory levels walked up from a changed file */
+
+#define EG_TAMPER_SIGNAL 1   /* detail: the signal */
+#define EG_TAMPER_PTRACE 2   /* detail: the ptrace mode */
+#define EG_TAMPER_TASK 3     /* detail: EG_TASK_* (limits, scheduling) */
+#define EG_TAMPER_BPF_ID 4   /* detail: the bpf() command; ino: the object id */
+#define EG_TAMPER_BPF_FD 5   /* detail: 1 map, 2 program; ino: the object id */
+#define EG_TAMPER_BPF_LOAD 6 /* detail: the program type */
+#define EG_TAMPER_PIN 7      /* detail: EG_OPN_* */
+#define EG_TAMPER_FILE 8     /* detail: EG_OPN_* */
+#define EG_TAMPER_UMOUNT 9
+#define EG_TAMPER_MOUNT 10   /* a mount onto a guarded path */
+
+#define EG_OPN_OPEN 1
+#define EG_OPN_WRITE 2
+#define EG_OPN_UNLINK 3
+#define EG_OPN_RENAME 4
+#define EG_OPN_CREATE 5
+#define EG_OPN_SETATTR 6
+#define EG_OPN_TRUNCATE 7
+#define EG_OPN_LINK 8
+
+#define EG_TASK_RLIMIT 1
+#define EG_TASK_SCHED 2
+#define EG_TASK_NICE 3
+#define EG_TASK_IOPRIO 4
+
+#define EG_ID_MAP 1
+#define EG_ID_PROG 2
+#define EG_ID_LINK 3
+
+#define EG_BPF_PROG_LOAD 5
+#define EG_BPF_PROG_GET_FD_BY_ID 13
+#define EG_BPF_MAP_GET_FD_BY_ID 14
+#define EG_BPF_LINK_GET_FD_BY_ID 30
+
+BPF_HASH(guarded, struct eg_file_key, __u32, EG_GUARD_MAX); /* -> EG_GUARD_* */
+BPF_HASH(guarded_ids, __u64, __u32, 256);                  /* EG_ID_* << 32 | id */
+BPF_HASH(guarded_devs, __u32, __u32, 64); /* filesystems holding guarded directories */
+
+/* What guards the enforcement itself (pins, object ids, the bpffs) holds while the
+ * programs live. What guards the agent (its process, its files, tracing program loads)
+ * lifts once it is gone: a restarted agent must load its programs and write its state,
+ * while the orphaned programs go on enforcing from their verdicts. */
+static __always_inline int eg_protecting_objects(void)
+{
+	return (eg_cfg() & EG_LSM_CFG_PROTECT) != 0;
+}
+
+static __always_inline int eg_protecting(void)
+{
+	return eg_protecting_objects() && !eg_orphaned();
+}
+
+static __always_inline int eg_tamper(__u32 kind, __u32 detail, struct eg_file_key *key,
+				     __u64 target)
+{
+	struct eg_file_key none = {};
+	eg_count(EG_LSM_STAT_TAMPER);
+	struct eg_exec_event *e = eg_record(EG_MSG_TAMPER, EG_STATE_DENY,
+					    EG_F_IN_SCOPE | EG_F_DENIED | EG_F_EPERM,
+					    key ? key : &none, 0, target,
+					    (__s32)((kind << 16) | (detail & 0xffff)));
+	if (e)
+		eg_send(e);
+	return -EG_EPERM;
+}
+
+/* A signal, ptrace, limit or scheduling change aimed at the agent by someone else. */
+static __always_inline int eg_guard_task(const void *target, __u32 kind, __u32 detail)
+{
+	if (!eg_protecting() || !eg_task_is_agent(target) || eg_exempt())
+		return 0;
+	return eg_tamper(kind, detail, 0, EG_LOAD(__u32, target, EG_OFF_TASK_TGID));
+}
+
+static __always_inline int eg_guard_signal(const void *target, int sig)
+{
+	if (sig == 0 || sig == 1)
+		return 0; /* "does it exist?" changes nothing; SIGHUP reloads the policy, whose
+			   * files are guarded (the agent's handler is set before it protects) */
+	return eg_guard_task(target, EG_TAMPER_SIGNAL, (__u32)sig);
+}
+
+/* The guard flags of an inode, or of the nearest guarded directory above dentry. A walk
+ * that ends away from its filesystem's root (a disconnected dentry, as open_by_handle_at
+ * gives) on a filesystem that holds guarded directories counts as guarded: fail closed. */
+static __always_inline __u32 eg_guard_of(const void *dentry, const void *inode)
+{
+	struct eg_file_key key = {};
+	if (eg_inode_key(inode, &key)) {
+		__u32 *g = guarded.lookup(&key);
+		if (g)
+			return *g;
+	}
+	if (!dentry)
+		return 0;
+	const void *d = EG_LOAD(const void *, dentry, EG_OFF_DENTRY_PARENT);
+	for (int i = 0; i < EG_GUARD_WALK && d; i++) {
+		struct eg_file_key k = {};
+		if (!eg_inode_key(eg_dentry_inode(d), &k))
+			return 0;
+		__u32 *g = guarded.lookup(&k);
+		if (g && (*g & EG_GUARD_DIR))
+			return EG_GUARD_DIR;
+		const void *p = EG_LOAD(const void *, d, EG_OFF_DENTRY_PARENT);
+		if (p == d) {
+			const void *sb = EG_LOAD(const void *, eg_dentry_inode(d), EG_OFF_INODE_SB);
+			if (sb && EG_LOAD(const void *, sb, EG_OFF_SB_ROOT) != d &&
+			    guarded_devs.lookup(&k.dev))
+				return EG_GUARD_DIR;
+			return 0;
+		}
+		d = p;
+	}
+	return 0;
+}
+
+/* A change (opn) to a file or under a directory the agent guards. */
+static __always_inline int eg_on_pin_fs(const void *dentry, const void *inode)
+{
+	if (!inode && dentry) /* a name being created: its directory's filesystem */
+		inode = eg_dentry_inode(EG_LOAD(const void *, dentry, EG_OFF_DENTRY_PARENT));
+	struct eg_file_key k = {};
+	int zero = 0;
+	struct eg_runtime *rt = runtime.lookup(&zero);
+	return rt && eg_inode_key(inode, &k) && k.dev == rt->pin_dev;
+}
+
+static __always_inline int eg_guard_change(const void *dentry, const void *inode, __u32 opn)
+{
+	if (!eg_protecting_objects())
+		return 0;
+	__u32 g = eg_guard_of(dentry, inode);
+	if (!g || eg_exempt())
+		return 0;
+	int pins = eg_on_pin_fs(dentry, inode);
+	if (!pins && eg_orphaned())
+		return 0; /* the agent's files: its successor writes them */
+	struct eg_file_key key = {};
+	eg_inode_key(inode, &key);
+	return eg_tamper(pins ? EG_TAMPER_PIN : EG_TAMPER_FILE, opn, &key, 0);
+}
+
+static __always_inline int eg_guard_open(const void *file)
+{
+	if (!eg_protecting())
+		return 0;
+	__u32 mode = EG_LOAD(__u32, file, EG_OFF_FILE_MODE);
+	const void *inode = eg_file_inode(file);
+	if (mode & EG_FMODE_WRITE)
+		return eg_guard_change(eg_file_dentry(file), inode, EG_OPN_WRITE);
+	return 0;
+}
+
+/* Any access to a pinned object (bpf_obj_get checks it with inode_permission). */
+static __always_inline int eg_guard_permission(const void *inode, int mask)
+{
+	if (!eg_protecting_objects())
+		return 0;
+	struct eg_file_key key = {};
+	if (!eg_inode_key(inode, &key))
+		return 0;
+	int zero = 0;
+	struct eg_runtime *rt = runtime.lookup(&zero);
+	if (!rt || key.dev != rt->pin_dev)
+		return 0; /* one compare for every other inode on the host */
+	__u32 *g = guarded.lookup(&key);
+	if (!g || !(*g & EG_GUARD_PIN) || ((*g & EG_GUARD_RO) && !(mask & EG_MAY_WRITE)) ||
+	    eg_exempt())
+		return 0;
+	return eg_tamper(EG_TAMPER_PIN, EG_OPN_OPEN, &key, 0);
+}
+
+static __always_inline int eg_guard_id(__u32 kind, __u32 id, __u32 detail)
+{
+	__u64 k = ((__u64)kind << 32) | id;
+	if (!eg_protecting_objects() || !guarded_ids.lookup(&k) || eg_exempt())
+		return 0;
+	struct eg_file_key key = {};
+	key.ino = id;
+	return eg_tamper(detail ? EG_TAMPER_BPF_ID : EG_TAMPER_BPF_FD, detail ? detail : kind, &key, 0);
+}
+
+/* Program types that run in other processes' context: with one, anyone could signal or
+ * trace the agent from inside it (bpf_send_signal), so only the agent loads them. */
+static __always_inline int eg_tracing_type(__u32 t)
+{
+	return t == 2 /* KPROBE */ || t == 5 /* TRACEPOINT */ || t == 7 /* PERF_EVENT */ ||
+	       t == 17 /* RAW_TRACEPOINT */ || t == 24 /* RAW_TRACEPOINT_WRITABLE */ ||
+	       t == 26 /* TRACING */ || t == 27 /* STRUCT_OPS */ || t == 28 /* EXT */ ||
+	       t == 29 /* LSM */ || t == 31 /* SYSCALL */;
+}
+
+/* bpf(2) itself: an fd for a guarded object by id, or a tracing program load. */
+static __always_inline int eg_guard_bpf(int cmd, const void *attr)
+{
+	if (!eg_protecting_objects() || !attr)
+		return 0;
+	__u32 first = EG_LOAD(__u32, attr, 0); /* the id, or the program type */
+	if (cmd == EG_BPF_LINK_GET_FD_BY_ID)
+		return eg_guard_id(EG_ID_LINK, first, (__u32)cmd);
+	if (cmd == EG_BPF_MAP_GET_FD_BY_ID) {
+		if (EG_LOAD(__u32, attr, 8) == EG_BPF_F_RDONLY) /* open_flags: reading is no harm */
+			return 0;
+		return eg_guard_id(EG_ID_MAP, first, (__u32)cmd);
+	}
+	if (cmd == EG_BPF_PROG_GET_FD_BY_ID)
+		return eg_guard_id(EG_ID_PROG, first, (__u32)cmd);
+	if (cmd == EG_BPF_PROG_LOAD && (eg_cfg() & EG_LSM_CFG_BPF_LOAD) && eg_tracing_type(first) &&
+	    eg_protecting() && !eg_exempt())
+		return eg_tamper(EG_TAMPER_BPF_LOAD, first, 0, 0);
+	return 0;
+}
+
+/* Unmounting the bpffs that holds the pins would drop them. */
+static __always_inline int eg_guard_umount(const void *mnt)
+{
+	if (!eg_protecting_objects() || !mnt)
+		return 0;
+	const void *sb = EG_LOAD(const void *, mnt, EG_OFF_VFSMOUNT_SB);
+	int zero = 0;
+	struct eg_runtime *rt = runtime.lookup(&zero);
+	if (!sb || !rt || EG_LOAD(__u32, sb, EG_OFF_SB_DEV) != rt->pin_dev || eg_exempt())
+		return 0;
+	return eg_tamper(EG_TAMPER_UMOUNT, 0, 0, 0);
+}
+
+/* A mount onto a guarded path would hide what the agent reads there. */
+static __always_inline int eg_guard_mount_target(const void *dentry)
+{
+	if (!eg_protecting() || !dentry)
+		return 0;
+	const void *inode = eg_dentry_inode(dentry);
+	__u32 g = eg_guard_of(dentry, inode);
+	if (!g || eg_exempt())
+		return 0;
+	struct eg_file_key key = {};
+	eg_inode_key(inode, &key);
+	return eg_tamper(EG_TAMPER_MOUNT, 0, &key, 0);
+}
+#endif /* EG_PROTECT */
 
 #endif

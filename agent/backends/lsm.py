@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import subprocess
+import sys
 import threading
 from typing import Any, Dict, Optional, Set, Tuple, Union
 
@@ -27,14 +28,18 @@ from agent.backends.base import (
 from agent.backends.fanotify import FanotifyRunner, answer_for
 from agent.backends.kernel_scope import KernelScope
 from agent.backends.records import KernelRecords
+from agent.backends.tamper import KernelHeartbeat, SelfProtection
 from agent.decide import Decider
 from agent.decision import Decision, Enforcement, ExecEvent, FileIdentity, Source
 from agent.errors import ExecguardError, Reason
 from agent.policy import Mode, PolicySnapshot
 from agent.sensors.bpf_lsm import Guards
 from agent.sensors.fanotify_model import ALLOW_ONCE, AllowOnce
-from agent.service.heartbeat import Heartbeat
 from agent.writers import has_writers
+
+
+def _say(message: str) -> None:
+    print(f"execguard: {message}", file=sys.stderr, flush=True)
 
 
 class _FanotifyFeeder(FanotifyRunner):
@@ -105,7 +110,8 @@ class LsmRunner(KernelRecords):
         self._kv = KernelVerdicts()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        self.heartbeat = Heartbeat(f"{name} ring poll")
+        self.heartbeat = KernelHeartbeat(f"{name} ring poll", lambda: self._sensor)
+        self.tamper = SelfProtection(name, _say)
         self._n: Dict[str, Any] = dict.fromkeys(
             ("records", "kernel_hits", "kernel_denials", "decided", "filled_by_fanotify",
              "vanished", "errors", "policy_swaps", "verdicts_dropped", "mappings",
@@ -180,10 +186,12 @@ class LsmRunner(KernelRecords):
         self._scope = KernelScope(sensor, self.decider.store.current.snapshot)
         self._scope.start()
         sensor.exempt(os.getpid())  # after the self-test, whose canary must not be exempt
+        sensor.heartbeat()
         enforce = self.enforcing()
         if enforce:
             self._start_feeder()
         sensor.set_mode(enforce=enforce, deny_unknown=enforce)
+        self.tamper.start(sensor, self.decider.store.current.snapshot)
         self._thread = threading.Thread(target=self._loop, name=f"{self.name}-poll",
                                         daemon=True)
         self._thread.start()
@@ -210,6 +218,8 @@ class LsmRunner(KernelRecords):
         if sensor is None:
             return
         enforce = snapshot.mode is Mode.ENFORCE
+        if not snapshot.keeps_enforcing:
+            self.tamper.apply(snapshot)  # unpinned before anything loosens
         if not enforce:
             sensor.set_mode(enforce=False, deny_unknown=False)  # loosen before anything else
         self._n["verdicts_dropped"] += self._kv.reset(sensor)
@@ -223,6 +233,7 @@ class LsmRunner(KernelRecords):
         elif enforce:
             self._start_feeder()  # monitor -> enforce: first-seen files are verified at open
         sensor.set_mode(enforce=enforce, deny_unknown=enforce)
+        self.tamper.apply(snapshot)  # pinned once the new policy enforces
         self._n["policy_swaps"] += 1
 
     def fill(self, event: ExecEvent, fd: int) -> Optional[Decision]:
@@ -342,6 +353,11 @@ class LsmRunner(KernelRecords):
         unknown and enforce denies them: fail closed)."""
         return not snapshot.caller_dependent or self._feeder is not None
 
+    def release(self) -> None:
+        """An authorized stop: self-protection off and the pins gone, so ``stop`` takes the
+        programs with it (without this, a keep-enforcing agent's programs outlive it)."""
+        self.tamper.release()
+
     def stop(self) -> None:
         self._stop.set()
         if self._scope is not None:
@@ -351,7 +367,9 @@ class LsmRunner(KernelRecords):
         if self._thread is not None:
             self._thread.join(timeout=5)
         if self._sensor is not None:
-            self._sensor.close()  # the hook goes with it: nothing is denied any more
+            # the hook goes with it (nothing is denied any more) unless its links are
+            # pinned: keep-enforcing without an authorized stop (``release``)
+            self._sensor.close()
 
     def stats(self) -> Dict[str, Any]:
         out: Dict[str, Any] = dict(self._n)
@@ -361,6 +379,7 @@ class LsmRunner(KernelRecords):
             out["scope"] = self._scope.stats()
         if self._feeder is not None:
             out["fanotify_stats"] = self._feeder.stats()
+        out["tamper"] = self.tamper.stats(self.decider.store.current.snapshot)
         return out
 
 

@@ -101,6 +101,8 @@ class KernelRecords:
 
         if rec.op in (Op.MOUNT, Op.PTRACE):
             self._record_guard(rec, stopped)
+        elif rec.op is Op.TAMPER:
+            self._record_tamper(rec)
         elif rec.op is Op.SCRIPT:
             self._handle_script(rec)
         elif rec.loader:
@@ -279,6 +281,21 @@ class KernelRecords:
             "policy boundary.loader = \"allow\" permits it)",
             self.enforcement if eperm else Enforcement.MONITOR, Source.RULE,
             policy_version=snapshot.version, extra={"op": "exec"}))
+
+    def _record_tamper(self, rec: Any) -> None:
+        """Self-protection refused an attempt on the agent (bpf/exec_verdict.h EG_TAMPER_*)."""
+        from agent.backends.tamper import describe_attempt
+
+        self._n["tamper_refused"] = self._n.get("tamper_refused", 0) + 1
+        attempt, what = describe_attempt(rec.aux, rec.event)
+        by = rec.event.comm or f"pid {rec.event.pid}"
+        snapshot = self.decider.store.current.snapshot
+        self.record(Decision(
+            rec.event, False, Reason.TAMPER,
+            f"{what}, by {by} (pid {rec.event.pid}, uid {rec.event.uid}): refused by "
+            "self-protection (on_agent_exit = \"keep-enforcing\")",
+            self.enforcement, Source.RULE, policy_version=snapshot.version,
+            extra={"op": "tamper", "attempt": attempt}))
 
     def _record_guard(self, rec: Any, eperm: bool) -> None:
         from agent.sensors.decode import Op

@@ -12,7 +12,7 @@ import os
 import sys
 import textwrap
 import time
-from typing import Any, Dict, List, Mapping
+from typing import Any, Dict, List, Mapping, Optional
 
 from agent import hardening
 from agent.cli import EXIT_ERROR, EXIT_OK, EXIT_UNTRUSTED
@@ -89,8 +89,26 @@ def report(
         },
         "probe_timeout_s": probe_timeout,
         "host_settings": [h.to_json() for h in hardening.read_settings()],
+        "tamper": tamper_resistance(choice.backend),
         "elapsed_s": round(elapsed, 3),
     }
+
+
+def tamper_resistance(backend: Optional[str]) -> Dict[str, Any]:
+    """What the chosen backend can do when root tries to switch it off (issue 10)."""
+    from agent.sensors.bpf.pins import orphans
+    from agent.sensors.bpf.sensor import VERDICT_STAT_NAMES
+
+    able = backend == "bpf-lsm"
+    detail = ("policy on_agent_exit = \"keep-enforcing\" pins the programs (enforcement "
+              "outlives the agent) and the LSM refuses signals, ptrace, bpf() and file "
+              "changes aimed at the agent to everyone else; execguard stop --token ends it"
+              if able else
+              f"{backend or 'no backend'} cannot protect the agent: SIGTERM or SIGKILL "
+              "stops it and enforcement ends with it (fail-open); execguard stop --token is "
+              "the authenticated way, a signal the unauthenticated one")
+    return {"self_protection": able, "detail": detail,
+            "orphans": [o.__dict__ for o in orphans(VERDICT_STAT_NAMES)]}
 
 
 def _wrap(text: str, indent: int) -> List[str]:
@@ -137,6 +155,13 @@ def render(rep: Dict[str, Any], choice: Choice) -> str:
                      f"{h['detail']}", 2)
         lines.append(text[0])
         lines.extend("  " + t for t in text[1:])
+    t = rep["tamper"]
+    lines += ["", "TAMPER RESISTANCE (docs/threat-model.md, \"Tamper resistance\")"]
+    lines += ["  " + x for x in _wrap(f"self-protection: {'yes' if t['self_protection'] else 'no'}"
+                                      f": {t['detail']}", 2)]
+    for o in t["orphans"]:
+        lines.append(f"  ORPHAN: {o['directory']}: pinned programs of a dead agent (pid "
+                     f"{o['pid']}) still enforce; they go at reboot")
     lines.append(f"({rep['elapsed_s']:.1f} s)")
     return "\n".join(lines)
 

@@ -263,6 +263,7 @@ def build_snapshot(doc: Mapping[str, Any], source: str,
         warnings=tuple(builder.warnings),
         overrides=tuple(overrides),
         boundary=_boundary(doc.get("boundary", {})),
+        on_agent_exit=doc.get("on_agent_exit", "fail-open"),
     )
 
 

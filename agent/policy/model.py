@@ -229,6 +229,13 @@ class PolicySnapshot:
     warnings: Tuple[str, ...] = ()
     overrides: Tuple[str, ...] = ()  # CLI flags applied on top of ``source``
     boundary: Boundary = Boundary()
+    on_agent_exit: str = "fail-open"  # or "keep-enforcing" (docs/policy.md)
+
+    @property
+    def keeps_enforcing(self) -> bool:
+        """Enforcement outlives the agent, self-protected (bpf-lsm; in enforce mode only:
+        a monitor policy denies nothing, so nothing is pinned)."""
+        return self.mode is Mode.ENFORCE and self.on_agent_exit == "keep-enforcing"
 
     @property
     def effective_on_timeout(self) -> Action:

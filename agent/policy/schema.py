@@ -365,6 +365,9 @@ POLICY = table({
     # deny: a decision an attacker can slow down (a huge file, a stalling FUSE mount) must
     # not turn into an allow; monitor mode answers allow anyway
     "on_timeout": (choice("allow", "deny"), "deny"),
+    # what the kernel does when the agent is gone (bpf-lsm): its pinned programs go on
+    # enforcing, self-protected, until an authorized stop or a reboot; or they go with it
+    "on_agent_exit": (choice("fail-open", "keep-enforcing"), Omitted("fail-open")),
     "fallthrough": (choice("allow", "deny"), "deny"),
     "state_dir": (abs_path, "/var/lib/execguard"),
     "log_dir": (abs_path, "/var/log/execguard"),

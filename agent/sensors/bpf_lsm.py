@@ -18,17 +18,20 @@ Typical use::
 
 from __future__ import annotations
 
+import ctypes
+import os
 import struct
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from agent.sensors.bpf.build import OffsetsFn as OffsetsFn
 from agent.sensors.bpf.build import SensorConfig
 from agent.sensors.bpf.build import build_cflags as _build_cflags
 from agent.sensors.bpf.build import program_text as _program_text
-from agent.sensors.bpf.sensor import VERDICT_STAT_NAMES, BpfSensor
+from agent.sensors.bpf.pins import GUARD_DIR, GUARD_FILE, PinSet, obj_id
+from agent.sensors.bpf.sensor import CFG_BPF_LOAD, CFG_PROTECT, VERDICT_STAT_NAMES, BpfSensor
 from agent.sensors.bpf.sensor import Guards as Guards  # where runners have imported it from
-from agent.sensors.decode import ExecRecord
+from agent.sensors.decode import ExecRecord, st_dev_to_kernel_dev
 from agent.sensors.kernel_layout import (
     _FIXED_EXTRA,
     _PER_MEMBER,
@@ -71,6 +74,8 @@ class LsmStats:
     mounts_refused: int = 0
     ptrace_refused: int = 0
     epochs: int = 0  # directory renames that made every verdict stale (path rules)
+    orphan_denied: int = 0  # denials while no agent answered (pinned programs alone)
+    tamper_refused: int = 0  # attempts on the agent refused by self-protection
 
 
 def func_params(blob: bytes, name: str) -> Optional[int]:
@@ -125,6 +130,10 @@ def verdict_offsets(btf: Btf, blob: bytes, setattr_func: str) -> Dict[str, int]:
     out["EG_OFF_MM_EXE_FILE"] = btf.require("mm_struct", "exe_file", 8).offset
     # READ_IMPLIES_EXEC: the kernel adds PROT_EXEC to a PROT_READ mapping of such a process
     out["EG_OFF_TASK_PERSONALITY"] = btf.require("task_struct", "personality", 4).offset
+    # the agent is its tgid AND its start time: pinned programs outlive it, its pid may not
+    out["EG_OFF_TASK_GROUP_LEADER"] = btf.require("task_struct", "group_leader", 8).offset
+    out["EG_OFF_TASK_START_BOOTTIME"] = btf.require("task_struct", "start_boottime", 8).offset
+    out["EG_TICK_NS"] = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
     nargs = func_params(blob, setattr_func)
     if nargs is None or nargs not in (2, 3):
         raise LayoutError(f"{btf.source}: {setattr_func} has {nargs} parameters, "
@@ -134,8 +143,14 @@ def verdict_offsets(btf: Btf, blob: bytes, setattr_func: str) -> Dict[str, int]:
 
 
 def lsm_offsets(btf: Btf, blob: bytes) -> Dict[str, int]:
-    """The ``EG_*`` macros bpf/exec_lsm.c needs (its setattr hook gained an idmap in 6.8)."""
-    return verdict_offsets(btf, blob, "bpf_lsm_inode_setattr")
+    """The ``EG_*`` macros bpf/exec_lsm.c needs (its setattr hook gained an idmap in 6.8),
+    with those of its self-protection hooks: the ids of BPF objects, a mount's filesystem."""
+    out = verdict_offsets(btf, blob, "bpf_lsm_inode_setattr")
+    out["EG_OFF_MAP_ID"] = btf.require("bpf_map", "id", 4).offset
+    out["EG_OFF_PROG_AUX"] = btf.require("bpf_prog", "aux", 8).offset
+    out["EG_OFF_PROG_AUX_ID"] = btf.require("bpf_prog_aux", "id", 4).offset
+    out["EG_OFF_VFSMOUNT_SB"] = btf.require("vfsmount", "mnt_sb", 8).offset
+    return out
 
 
 def build_cflags(config: SensorConfig, btf_path: str = VMLINUX_BTF,
@@ -174,10 +189,56 @@ class BpfLsmSensor(BpfSensor):
     def _wrap(self, raw: bytes, rec: ExecRecord) -> LsmRecord:
         return LsmRecord(rec, bool(raw[3] & F_EPERM))
 
+    # -- self-protection (bpf/exec_verdict.h EG_PROTECT) ------------------------------------
+
+    def protect(self, pins: PinSet, guarded: Iterable[Tuple[int, int, bool]],
+                bpf_load: bool = True) -> Dict[str, Any]:
+        """Refuse, to every process but the agent: its pins (``pins``), the files and
+        directories in ``guarded`` ((st_dev, st_ino, is_directory)), every map, program
+        and link of this program by id, signals, ptrace and limits aimed at the agent and,
+        with ``bpf_load``, loading programs that run in other processes' context. Returns
+        what it registered, by kind."""
+        maps, progs = self.object_fds()
+        links = pins.link_fds if pins.link_fds else {}
+        ids = [(1, obj_id(fd)) for fd in maps] + [(2, obj_id(fd)) for fd in progs] + \
+              [(3, obj_id(fd)) for fd in links.values()]
+        entries: Dict[Tuple[int, int], int] = {}
+        for dev, ino, flags in pins.inodes():
+            entries[(dev, ino)] = flags
+        for dev, ino, is_dir in guarded:
+            entries.setdefault((dev, ino), GUARD_DIR if is_dir else GUARD_FILE)
+        table, by_id, devs = self._bpf[b"guarded"], self._bpf[b"guarded_ids"], \
+            self._bpf[b"guarded_devs"]
+        with self._map_op("protect"):
+            for (dev, ino), flags in entries.items():
+                table[table.Key(ino=ino, dev=st_dev_to_kernel_dev(dev))] = ctypes.c_uint32(flags)
+                if flags & GUARD_DIR:
+                    devs[ctypes.c_uint32(st_dev_to_kernel_dev(dev))] = ctypes.c_uint32(1)
+            for kind, oid in ids:
+                by_id[ctypes.c_uint64(kind << 32 | oid)] = ctypes.c_uint32(1)
+            cell = self._runtime[ctypes.c_int(0)]
+            cell.pin_dev = st_dev_to_kernel_dev(os.stat(pins.directory).st_dev)
+            self._runtime[ctypes.c_int(0)] = cell
+        self._set_protect_flags(CFG_PROTECT | (CFG_BPF_LOAD if bpf_load else 0))
+        return {"guarded_inodes": [[dev, ino, flags] for (dev, ino), flags in entries.items()],
+                "guarded_ids": {k: sorted(i for kind, i in ids if kind == n)
+                                for n, k in ((1, "maps"), (2, "programs"), (3, "links"))}}
+
+    def unprotect(self) -> None:
+        """Self-protection off (an authorized stop, a switch to monitor or fail-open)."""
+        self._set_protect_flags(0)
+
+    def stats_fd(self) -> int:
+        return int(self._bpf[b"stats"].map_fd)
+
+    @property
+    def protecting(self) -> bool:
+        return bool(self._protect_flags & CFG_PROTECT)
+
     def stats(self) -> LsmStats:
         k = self.counters()
         d = self._decoder.stats
         return LsmStats(k["execs"], k["in_scope"], k["denied"], k["invalidated"], k["drops"],
                         d.decoded, d.short, d.unknown_op, k["maps"], k["maps_denied"],
                         k["loader_denied"], k["mounts_refused"], k["ptrace_refused"],
-                        k["epochs"])
+                        k["epochs"], k["orphan_denied"], k["tamper"])

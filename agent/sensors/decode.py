@@ -28,6 +28,7 @@ class Op(IntEnum):
     MOUNT = 4  # a mount onto a path in scope was refused (aux: mount flags)
     PTRACE = 5  # a ptrace attach to a program in scope was refused (aux: target tgid)
     SCRIPT = 6  # kill, audit-only: an out-of-scope interpreter run for the file in path
+    TAMPER = 7  # bpf-lsm self-protection refused an attempt (aux: kind << 16 | detail)
 
 
 # struct eg_exec_event up to (not including) comm; path follows comm, NUL-terminated.

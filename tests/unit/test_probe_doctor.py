@@ -116,3 +116,14 @@ def test_bad_probe_timeout_is_a_clear_error(
     assert "EXECGUARD_PROBE_TIMEOUT" in err and repr(bad) in err
     with pytest.raises(argparse.ArgumentTypeError, match="--probe-timeout"):
         doctor_cmd.probe_seconds(bad)
+
+
+def test_doctor_says_which_backends_can_protect_the_agent() -> None:
+    """Issue 10: fanotify and kill cannot refuse root's signals; doctor says so, and says
+    bpf-lsm can (the VM suite shows it doing so: tests/vm/test_tamper_vm.py)."""
+    for backend in ("fanotify-exec", "kill", "fmod-ret", "audit-only", None):
+        t = doctor_cmd.tamper_resistance(backend)
+        assert t["self_protection"] is False and "fail-open" in t["detail"], backend
+    t = doctor_cmd.tamper_resistance("bpf-lsm")
+    assert t["self_protection"] is True and "keep-enforcing" in t["detail"]
+    assert t["orphans"] == []  # no agent of this host's suite ever pins (no BPF LSM here)

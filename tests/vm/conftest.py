@@ -65,6 +65,20 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError("tests/vm needs --vm-results (guest.sh passes it)")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:  # type: ignore[type-arg]
+    """``@pytest.mark.lockdown_modes("integrity", ...)``: the test belongs to those runs
+    only and is deselected (not skipped) in the others: a test whose traces outlive it
+    (pinned BPF programs stay until the VM powers off) runs where nothing follows it."""
+    mode = config.getoption("--lockdown-mode")
+    keep, drop = [], []
+    for item in items:
+        marker = item.get_closest_marker("lockdown_modes")
+        (drop if marker is not None and mode not in marker.args else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 @pytest.fixture(scope="session")
 def lockdown_mode(pytestconfig: pytest.Config) -> str:
     mode = pytestconfig.getoption("--lockdown-mode")

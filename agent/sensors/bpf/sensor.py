@@ -51,13 +51,14 @@ VERDICT_ALLOW, VERDICT_DENY = 1, 2  # EG_VERDICT_* in bpf/events.h
 CFG_ENFORCE, CFG_DENY_UNKNOWN, CFG_LOADER, CFG_MAPS = 0x01, 0x02, 0x04, 0x08
 CFG_PATHS, CFG_MOUNTS, CFG_PTRACE, CFG_UNSEEN_OUT = 0x10, 0x20, 0x40, 0x80
 CFG_STRICT_MAPS = 0x100
+CFG_PROTECT, CFG_BPF_LOAD = 0x200, 0x400  # self-protection (bpf-lsm only)
 SB_IN = 2  # EG_SB_IN (agent.scope.FsClass.IN)
 SB_CLASS_MASK = 0xFF
 SB_DYNAMIC = 0x100  # EG_SB_DYNAMIC: the filesystem appeared after the agent started
 # stats[] of bpf/exec_verdict.h (EG_LSM_STAT_*), in index order
 VERDICT_STAT_NAMES = ("execs", "drops", "denied", "invalidated", "in_scope", "maps",
                       "maps_denied", "loader_denied", "mounts_refused", "ptrace_refused",
-                      "epochs")
+                      "epochs", "orphan_denied", "tamper")
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,7 @@ class BpfSensor:
         self._classes_now: Dict[int, int] = {}  # st_dev -> EG_SB_* value as written
         self._mode = (False, False)
         self._guards = self.initial_guards
+        self._protect_flags = 0  # CFG_PROTECT | CFG_BPF_LOAD while self-protected (bpf-lsm)
         self._decoder = RecordDecoder(realtime_offset(), backend=self.backend)
         try:
             import bcc
@@ -325,9 +327,50 @@ class BpfSensor:
 
     def exempt(self, tgid: int) -> None:
         """The agent: its mappings, ptrace and mounts are never judged, and neither are the
-        execs of the processes it starts (after its self-test, which must not be exempt)."""
+        execs of the processes it starts (after its self-test, which must not be exempt).
+        Keyed by tgid and start time: pinned programs outlive the agent, its pid may not."""
+        from agent.sensors.bpf.pins import start_ticks
+
         with self._map_op("exempt"):
-            self._exempt[ctypes.c_uint32(tgid)] = ctypes.c_uint32(1)
+            self._exempt[ctypes.c_uint32(tgid)] = ctypes.c_uint64(start_ticks(tgid))
+
+    def heartbeat(self) -> None:
+        """The agent answers (CLOCK_BOOTTIME now): denials while it is silent for long are
+        counted as made with no agent (``orphan_denied``)."""
+        with self._map_op("heartbeat"):
+            cell = self._runtime[ctypes.c_int(0)]
+            cell.agent_seen_ns = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+            self._runtime[ctypes.c_int(0)] = cell
+
+    def heartbeat_age_s(self) -> Optional[float]:
+        """Seconds since the kernel last heard the agent's heartbeat (None: never)."""
+        with self._map_op("heartbeat_age"):
+            seen = int(self._runtime[ctypes.c_int(0)].agent_seen_ns)
+        return None if seen == 0 else (time.clock_gettime_ns(time.CLOCK_BOOTTIME) - seen) / 1e9
+
+    def link_fds(self) -> Dict[str, int]:
+        """The BPF link of every attached program, by program name (for pinning)."""
+        out: Dict[str, int] = {}
+        for table in ("lsm_fds", "kfunc_entry_fds", "kfunc_exit_fds"):
+            for name, fd in getattr(self._bpf, table, {}).items():
+                out[name.decode() if isinstance(name, bytes) else str(name)] = int(fd)
+        return out
+
+    def object_fds(self) -> Tuple[List[int], List[int]]:
+        """(map fds, program fds) of this program: what self-protection names by id."""
+        import bcc  # loaded already: the sensor exists
+
+        module = self._bpf.module
+        # libbcc.py declares neither: a char * returned as int would be cut to 32 bits
+        bcc.lib.bpf_num_tables.restype = ctypes.c_size_t
+        bcc.lib.bpf_num_tables.argtypes = [ctypes.c_void_p]
+        bcc.lib.bpf_table_name.restype = ctypes.c_char_p
+        bcc.lib.bpf_table_name.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        maps = []
+        for i in range(int(bcc.lib.bpf_num_tables(module))):
+            name = bcc.lib.bpf_table_name(module, i)
+            maps.append(int(bcc.lib.bpf_table_fd(module, name)))
+        return maps, [int(fn.fd) for fn in self._bpf.funcs.values()]
 
     def set_fresh_after(self, realtime_ns: int) -> None:
         """A file whose ctime is at or after this (CLOCK_REALTIME) changed since the agent
@@ -369,10 +412,15 @@ class BpfSensor:
         if guards is not None:
             self._guards = guards
         flags = (CFG_ENFORCE if enforce else 0) | (CFG_DENY_UNKNOWN if deny_unknown else 0)
-        flags |= self._guards.flags()
+        flags |= self._guards.flags() | self._protect_flags
         with self._map_op("set_mode"):
             self._config[ctypes.c_int(0)] = self._config.Leaf(flags=flags)
         self._mode = (enforce, deny_unknown)
+
+    def _set_protect_flags(self, flags: int) -> None:
+        self._protect_flags = flags
+        enforce, deny_unknown = self._mode
+        self.set_mode(enforce=enforce, deny_unknown=deny_unknown)
 
     @property
     def mode(self) -> Tuple[bool, bool]:

@@ -1,0 +1,215 @@
+"""Tamper resistance for the bpf-lsm runner (policy ``on_agent_exit``, docs/threat-model.md
+"Tamper resistance").
+
+``keep-enforcing`` in enforce mode: the program's links are pinned (agent/sensors/bpf/pins.py)
+so enforcement outlives the agent, and the LSM refuses everyone but the agent its process,
+its BPF objects, its pins and the files it lives on (bpf/exec_verdict.h EG_PROTECT). A
+heartbeat in the kernel lets the pinned programs count what they deny with no agent. Only
+``release`` (an authorized stop) or a switch to ``fail-open`` or monitor mode undoes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import agent
+from agent.policy import PolicySnapshot
+from agent.service.heartbeat import Heartbeat
+
+# paths the agent reads that the policy does not name (the break-glass keys directory):
+# the daemon adds them before its runner starts
+EXTRA_GUARDED: List[str] = []
+HEARTBEAT_EVERY_S = 1.0  # the kernel calls an agent silent for 5 s gone (EG_ORPHAN_NS)
+CONFIG_DIR = "/etc/execguard"
+
+
+class KernelHeartbeat(Heartbeat):
+    """The poll loop's heartbeat, also written to the kernel at most once a second."""
+
+    def __init__(self, name: str, sensor: Callable[[], Any]) -> None:
+        super().__init__(name)
+        self._sensor = sensor
+        self._next = 0.0
+
+    def beat(self) -> None:
+        super().beat()
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + HEARTBEAT_EVERY_S
+        sensor = self._sensor()
+        if sensor is not None:
+            # a closed sensor at stop: the loop ends right after
+            with contextlib.suppress(Exception):
+                sensor.heartbeat()
+
+
+def guarded_paths(snapshot: PolicySnapshot) -> List[str]:
+    """What the agent lives on: its code, state, logs, trust keys, policy and /etc/execguard
+    (the break-glass keys are there). Paths that do not exist are left out."""
+    doc = json.loads(snapshot.canonical)
+    paths = [os.path.dirname(os.path.abspath(agent.__file__)), snapshot.state_dir,
+             snapshot.log_dir, CONFIG_DIR, *doc.get("trust", {}).get("keys", []),
+             *EXTRA_GUARDED]
+    if snapshot.source.startswith("/"):
+        paths.append(snapshot.source)
+    out: List[str] = []
+    for path in paths:
+        real = os.path.realpath(path)
+        if os.path.exists(real) and real not in out:
+            out.append(real)
+    return out
+
+
+def inodes_of(paths: List[str]) -> List[Tuple[int, int, bool]]:
+    """(st_dev, st_ino, is_directory) to guard for ``paths``. A file whose device differs
+    from its directory's (overlayfs reports the layer's inode for a file, while the hooks
+    may see the overlay's) is guarded through its directory too: the kernel's walk up the
+    names finds the directory whatever layer the file is on."""
+    out = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        is_dir = os.path.isdir(path)
+        out.append((st.st_dev, st.st_ino, is_dir))
+        if not is_dir:
+            parent = os.stat(os.path.dirname(path) or "/")
+            if parent.st_dev != st.st_dev:
+                out.append((parent.st_dev, parent.st_ino, True))
+    return out
+
+
+class SelfProtection:
+    """Pins and guards one bpf-lsm sensor while the policy keeps enforcing."""
+
+    def __init__(self, backend: str, say: Callable[[str], None]) -> None:
+        self.backend = backend
+        self.say = say
+        self.pins: Any = None  # agent.sensors.bpf.pins.PinSet while pinned
+        self.guarded: List[str] = []
+        self.registered: Dict[str, Any] = {}
+        self.orphans: List[Dict[str, Any]] = []
+        self.error: Optional[str] = None
+        self._sensor: Any = None
+
+    def start(self, sensor: Any, snapshot: PolicySnapshot) -> None:
+        """Report pins left by an agent that died (they still enforce), then apply."""
+        from agent.sensors.bpf.pins import orphans
+        from agent.sensors.bpf.sensor import VERDICT_STAT_NAMES
+
+        self._sensor = sensor
+        self.orphans = [dict(o.__dict__) for o in orphans(VERDICT_STAT_NAMES)]
+        for o in self.orphans:
+            denied = o["counters"].get("orphan_denied", "an unknown number of")
+            self.say(f"WARNING: pinned enforcement of a previous agent (pid {o['pid']}, "
+                     f"{o['directory']}) is still attached and denied {denied} exec(s) while "
+                     "no agent answered; it denies what it had not verified until a "
+                     "reboot: this agent cannot adopt it (docs/threat-model.md, \"Tamper "
+                     "resistance\")")
+        self.apply(snapshot)
+
+    def supported(self) -> bool:
+        return self._sensor is not None and hasattr(self._sensor, "protect")
+
+    def apply(self, snapshot: PolicySnapshot) -> None:
+        """Pin and protect when the policy keeps enforcing; otherwise undo both."""
+        if not self.supported():
+            return
+        if snapshot.keeps_enforcing and self.pins is None:
+            self._pin(snapshot)
+        elif not snapshot.keeps_enforcing and self.pins is not None:
+            self.release()
+
+    def _pin(self, snapshot: PolicySnapshot) -> None:
+        from agent.sensors.bpf.pins import PinSet
+
+        sensor = self._sensor
+        try:
+            self.pins = PinSet.create(self.backend, sensor.link_fds(), sensor.stats_fd())
+            self.guarded = guarded_paths(snapshot)
+            self.registered = sensor.protect(self.pins, inodes_of(self.guarded))
+            self.error = None
+        except (OSError, KeyError) as exc:
+            self.error = f"cannot pin or protect: {exc}"
+            self.say(f"WARNING: on_agent_exit = keep-enforcing: {self.error}; enforcement "
+                     "ends with this agent (fail-open)")
+            self.release()
+            return
+        self.say(f"keep-enforcing: programs pinned in {self.pins.directory}; the agent, its "
+                 f"BPF objects and {len(self.guarded)} paths are self-protected")
+
+    def release(self) -> None:
+        """Self-protection off and pins removed: enforcement ends with this agent."""
+        sensor, pins = self._sensor, self.pins
+        if sensor is not None and hasattr(sensor, "unprotect"):
+            try:
+                sensor.unprotect()
+            except Exception as exc:  # a closed sensor: its programs are gone already
+                self.error = f"unprotect: {exc}"
+        if pins is not None:
+            pins.remove()
+            self.pins = None
+
+    def stats(self, snapshot: PolicySnapshot) -> Dict[str, Any]:
+        sensor = self._sensor
+        return {"on_agent_exit": snapshot.on_agent_exit,
+                "keep_enforcing": self.pins is not None,
+                "protected": bool(getattr(sensor, "protecting", False)),
+                "supported": self.supported(),
+                "pin_directory": self.pins.directory if self.pins is not None else None,
+                "guarded_paths": list(self.guarded), **self.registered,
+                "heartbeat_age_s": _age(sensor),
+                "orphans": list(self.orphans), "error": self.error}
+
+
+# EG_TAMPER_* kinds (bpf/exec_verdict.h) -> the attempt's name in records
+ATTEMPTS = {1: "signal", 2: "ptrace", 3: "task", 4: "bpf-id", 5: "bpf-fd", 6: "bpf-load",
+            7: "pin", 8: "file", 9: "umount", 10: "mount"}
+_OPS = {1: "open", 2: "write", 3: "unlink", 4: "rename", 5: "create", 6: "setattr",
+        7: "truncate", 8: "link"}
+_TASK = {1: "a resource limit", 2: "the scheduling policy", 3: "the nice value",
+         4: "the I/O priority"}
+_IDS = {1: "map", 2: "program", 3: "link"}
+
+
+def describe_attempt(aux: int, event: Any) -> Tuple[str, str]:
+    """(attempt name, one sentence) for a tamper record's ``aux`` (kind << 16 | detail);
+    the object is in the record's (dev, ino), a target process in its size field."""
+    kind, detail = (aux >> 16) & 0xFFFF, aux & 0xFFFF
+    name = ATTEMPTS.get(kind, f"kind-{kind}")
+    target = event.identity.size
+    if kind == 1:
+        return name, f"signal {detail} to the agent (pid {target})"
+    if kind == 2:
+        return name, f"ptrace (mode {detail:#x}) of the agent (pid {target})"
+    if kind == 3:
+        return name, f"a change to {_TASK.get(detail, 'a property')} of the agent (pid {target})"
+    if kind in (4, 5):
+        obj = _IDS.get(detail, "object") if kind == 5 else f"object (bpf command {detail})"
+        return name, f"a descriptor for the agent's BPF {obj} id {event.identity.ino}"
+    if kind == 6:
+        return name, f"loading a BPF program of type {detail} (runs in other processes)"
+    if kind in (7, 8):
+        where = "a pinned object of the agent" if kind == 7 else "a file the agent guards"
+        path = f" {event.path}" if event.path else ""
+        return name, (f"{_OPS.get(detail, 'a change')} of {where}{path} (dev "
+                      f"{event.identity.dev}, inode {event.identity.ino})")
+    if kind == 9:
+        return name, "unmounting the bpffs that holds the agent's pins"
+    if kind == 10:
+        return name, f"a mount onto a path the agent guards (inode {event.identity.ino})"
+    return name, f"an attempt of kind {kind} on the agent"
+
+
+def _age(sensor: Any) -> Optional[float]:
+    try:
+        age = sensor.heartbeat_age_s() if sensor is not None else None
+    except Exception:  # a closed sensor
+        return None
+    return None if age is None else round(float(age), 3)
