@@ -128,7 +128,7 @@ LSM_PROBE(sb_mount, const char *dev_name, const struct path *path, const char *t
 	  unsigned long flags, void *data)
 {
 	const void *target = EG_LOAD(const void *, path, EG_OFF_PATH_DENTRY);
-	int ret = (flags & EG_MS_REMOUNT) ? 0 : eg_guard_mount_target(target);
+	int ret = (flags & EG_MS_REMOUNT) ? eg_guard_remount(target) : eg_guard_mount_target(target);
 	return ret ? ret : eg_guard_mount(target, flags);
 }
 
@@ -147,7 +147,7 @@ LSM_PROBE(sb_umount, struct vfsmount *mnt, int flags)
 
 LSM_PROBE(ptrace_access_check, struct task_struct *child, unsigned int mode)
 {
-	int ret = eg_guard_task(child, EG_TAMPER_PTRACE, mode);
+	int ret = eg_guard_ptrace_agent(child, mode);
 	return ret ? ret : eg_guard_ptrace(child, mode);
 }
 
@@ -193,13 +193,45 @@ LSM_PROBE(bpf, int cmd, union bpf_attr *attr, unsigned int size)
 
 LSM_PROBE(bpf_map, struct bpf_map *map, fmode_t fmode)
 {
-	if (!(fmode & EG_FMODE_WRITE))
-		return 0; /* a read-only descriptor: counters and verdicts may be read */
-	return eg_guard_id(EG_ID_MAP, EG_LOAD(__u32, map, EG_OFF_MAP_ID), 0);
+	return eg_guard_id(EG_ID_MAP, EG_LOAD(__u32, map, EG_OFF_MAP_ID), 0,
+			   !(fmode & EG_FMODE_WRITE));
 }
 
 LSM_PROBE(bpf_prog, struct bpf_prog *prog)
 {
 	const void *aux = EG_LOAD(const void *, prog, EG_OFF_PROG_AUX);
-	return aux ? eg_guard_id(EG_ID_PROG, EG_LOAD(__u32, aux, EG_OFF_PROG_AUX_ID), 0) : 0;
+	return aux ? eg_guard_id(EG_ID_PROG, EG_LOAD(__u32, aux, EG_OFF_PROG_AUX_ID), 0, 0) : 0;
+}
+
+/* SIGIO and its F_SETSIG replacement reach a process without security_task_kill. */
+struct fown_struct;
+LSM_PROBE(file_send_sigiotask, struct task_struct *tsk, struct fown_struct *fown, int sig)
+{
+	return eg_guard_signal(tsk, sig ? sig : 29 /* SIGIO */);
+}
+
+LSM_PROBE(task_free, struct task_struct *task)
+{
+	eg_note_exit(task);
+	return 0;
+}
+
+LSM_PROBE(inode_setxattr, void *idmap_or_userns, struct dentry *dentry, const char *name,
+	  const void *value, size_t size, int flags)
+{
+	return eg_guard_change(dentry, eg_dentry_inode(dentry), EG_OPN_SETATTR);
+}
+
+LSM_PROBE(inode_removexattr, void *idmap_or_userns, struct dentry *dentry, const char *name)
+{
+	return eg_guard_change(dentry, eg_dentry_inode(dentry), EG_OPN_SETATTR);
+}
+
+/* chattr +i / +a on a guarded file (FS_IOC_SETFLAGS, FS_IOC_FSSETXATTR): one compare for
+ * every other ioctl on the host */
+LSM_PROBE(file_ioctl, struct file *file, unsigned int cmd, unsigned long arg)
+{
+	if (cmd != 0x40086602 && cmd != 0x401c5820)
+		return 0;
+	return eg_guard_change(eg_file_dentry(file), eg_file_inode(file), EG_OPN_SETATTR);
 }

@@ -104,7 +104,7 @@
 #define EG_LSM_STAT_MOUNTS_REFUSED 8
 #define EG_LSM_STAT_PTRACE_REFUSED 9
 #define EG_LSM_STAT_EPOCHS 10       /* directory renames under path rules */
-#define EG_LSM_STAT_ORPHAN_DENIED 11 /* denials while no agent answered (its heartbeat stale) */
+#define EG_LSM_STAT_ORPHAN_DENIED 11 /* denials after the agent's process was freed */
 #define EG_LSM_STAT_TAMPER 12       /* attempts on the agent refused (self-protection) */
 #define EG_LSM_STAT_N 13
 
@@ -125,15 +125,13 @@ struct eg_runtime {
 	__u32 _pad;
 	__u64 fresh_after_ns; /* CLOCK_REALTIME when the agent started: a ctime at or after it
 			       * means the file was written, created, renamed or chmod'ed since */
-	__u64 agent_seen_ns;  /* boot clock of the agent's last heartbeat (0: never): pinned
-			       * programs outlive their agent, and count what they deny alone */
+	__u64 agent_gone_ns;  /* boot clock when the agent's process was freed (0: it lives;
+			       * bpf-lsm's task_free hook sets it): pinned programs outlive
+			       * their agent, and count what they deny alone */
 	__u32 pin_dev;        /* kernel dev of the bpffs holding the pins (self-protection) */
 	__u32 _pad2;
 };
 
-#ifndef EG_ORPHAN_NS
-#define EG_ORPHAN_NS 5000000000ULL /* no heartbeat for this long: no agent answers */
-#endif
 #ifndef EG_TICK_NS
 #define EG_TICK_NS 10000000ULL /* 1e9 / USER_HZ: /proc/PID/stat counts start times in ticks */
 #endif
@@ -242,16 +240,13 @@ static __always_inline int eg_exempt_or_child(void)
 	return eg_task_is_agent(EG_LOAD(const void *, task, EG_OFF_TASK_REAL_PARENT));
 }
 
-/* No agent has answered for EG_ORPHAN_NS: the pinned programs enforce alone. */
+/* The agent's process is gone (freed: not stopped, frozen or slow): the pinned programs
+ * enforce alone. Only bpf-lsm sees the death (task_free); elsewhere this stays 0. */
 static __always_inline int eg_orphaned(void)
 {
 	int zero = 0;
 	struct eg_runtime *rt = runtime.lookup(&zero);
-	if (!rt || !rt->agent_seen_ns)
-		return 0;
-	/* signed: user space's clock read may land a little after this one's */
-	__s64 age = (__s64)(bpf_ktime_get_boot_ns() - rt->agent_seen_ns);
-	return age > (__s64)EG_ORPHAN_NS;
+	return rt && rt->agent_gone_ns;
 }
 
 /* ------------------------------------------------------------------------------- where */
@@ -742,8 +737,8 @@ static __always_inline int eg_guard_mount(const void *target_dentry, unsigned lo
 					 !(mflags & (EG_MS_BIND | EG_MS_MOVE))))
 		return 0; /* options and propagation change no file */
 	struct eg_where w = {};
-	if (!eg_place(target_dentry, eg_dentry_inode(target_dentry), &w) || eg_exempt_or_child())
-		return 0;
+	if (!eg_place(target_dentry, eg_dentry_inode(target_dentry), &w) || eg_exempt())
+		return 0; /* the agent only: a child of it is no proof of anything */
 	int ret = 0;
 	__u8 evflags = EG_F_IN_SCOPE | EG_F_DENIED;
 	if (flags & EG_LSM_CFG_ENFORCE) {
@@ -804,6 +799,8 @@ static __always_inline int eg_guard_ptrace(const void *child, unsigned int mode)
 #define EG_GUARD_FILE 4 /* a file: not written, renamed, linked or removed */
 #define EG_GUARD_RO 8   /* with EG_GUARD_PIN: may be opened read-only (the counters a
 			 * restarted agent reads from an orphaned program) */
+#define EG_GUARD_ABOVE 16 /* a directory above a guarded path (or the bpffs root): not
+			   * renamed and not mounted over; what is inside it is not guarded */
 #define EG_MAY_WRITE 2
 #define EG_BPF_F_RDONLY (1U << 3)
 #define EG_GUARD_WALK 24 /* directory levels walked up from a changed file */
@@ -843,7 +840,9 @@ static __always_inline int eg_guard_ptrace(const void *child, unsigned int mode)
 #define EG_BPF_LINK_GET_FD_BY_ID 30
 
 BPF_HASH(guarded, struct eg_file_key, __u32, EG_GUARD_MAX); /* -> EG_GUARD_* */
-BPF_HASH(guarded_ids, __u64, __u32, 256);                  /* EG_ID_* << 32 | id */
+BPF_HASH(guarded_ids, __u64, __u32, 256); /* EG_ID_* << 32 | id -> EG_IDF_* */
+#define EG_IDF_GUARDED 1
+#define EG_IDF_READABLE 2 /* the counters: a read-only descriptor is allowed */
 BPF_HASH(guarded_devs, __u32, __u32, 64); /* filesystems holding guarded directories */
 
 /* What guards the enforcement itself (pins, object ids, the bpffs) holds while the
@@ -860,6 +859,13 @@ static __always_inline int eg_protecting(void)
 	return eg_protecting_objects() && !eg_orphaned();
 }
 
+/* The agent, or a process it started (its fanotify watchdog, its helpers). */
+static __always_inline int eg_task_is_agent_or_child(const void *task)
+{
+	return task && (eg_task_is_agent(task) ||
+			eg_task_is_agent(EG_LOAD(const void *, task, EG_OFF_TASK_REAL_PARENT)));
+}
+
 static __always_inline int eg_tamper(__u32 kind, __u32 detail, struct eg_file_key *key,
 				     __u64 target)
 {
@@ -874,12 +880,22 @@ static __always_inline int eg_tamper(__u32 kind, __u32 detail, struct eg_file_ke
 	return -EG_EPERM;
 }
 
-/* A signal, ptrace, limit or scheduling change aimed at the agent by someone else. */
+/* A signal, ptrace, limit or scheduling change aimed at the agent or a process it started
+ * (its watchdog holds what the agent holds), by anyone outside that family. Never lifted by
+ * the agent's death: a dead agent is no target, and its pid with another start time is
+ * someone else. */
 static __always_inline int eg_guard_task(const void *target, __u32 kind, __u32 detail)
 {
-	if (!eg_protecting() || !eg_task_is_agent(target) || eg_exempt())
+	if (!eg_protecting_objects() || !eg_task_is_agent_or_child(target) || eg_exempt_or_child())
 		return 0;
 	return eg_tamper(kind, detail, 0, EG_LOAD(__u32, target, EG_OFF_TASK_TGID));
+}
+
+static __always_inline int eg_guard_ptrace_agent(const void *target, unsigned int mode)
+{
+	if (!(mode & EG_PTRACE_MODE_ATTACH))
+		return 0; /* reading /proc/PID/stat and its like: ps, top, systemd */
+	return eg_guard_task(target, EG_TAMPER_PTRACE, mode);
 }
 
 static __always_inline int eg_guard_signal(const void *target, int sig)
@@ -940,6 +956,8 @@ static __always_inline int eg_guard_change(const void *dentry, const void *inode
 	if (!eg_protecting_objects())
 		return 0;
 	__u32 g = eg_guard_of(dentry, inode);
+	if (g == EG_GUARD_ABOVE && opn != EG_OPN_RENAME)
+		return 0; /* above a guarded path: only moving it matters */
 	if (!g || eg_exempt())
 		return 0;
 	int pins = eg_on_pin_fs(dentry, inode);
@@ -980,10 +998,15 @@ static __always_inline int eg_guard_permission(const void *inode, int mask)
 	return eg_tamper(EG_TAMPER_PIN, EG_OPN_OPEN, &key, 0);
 }
 
-static __always_inline int eg_guard_id(__u32 kind, __u32 id, __u32 detail)
+/* A descriptor for one of the agent's BPF objects: refused, even read-only (a read-only map
+ * descriptor still lets a program of one's own write the map), except the counters. */
+static __always_inline int eg_guard_id(__u32 kind, __u32 id, __u32 detail, int readonly)
 {
 	__u64 k = ((__u64)kind << 32) | id;
-	if (!eg_protecting_objects() || !guarded_ids.lookup(&k) || eg_exempt())
+	if (!eg_protecting_objects())
+		return 0;
+	__u32 *f = guarded_ids.lookup(&k);
+	if (!f || (readonly && (*f & EG_IDF_READABLE)) || eg_exempt())
 		return 0;
 	struct eg_file_key key = {};
 	key.ino = id;
@@ -1007,14 +1030,13 @@ static __always_inline int eg_guard_bpf(int cmd, const void *attr)
 		return 0;
 	__u32 first = EG_LOAD(__u32, attr, 0); /* the id, or the program type */
 	if (cmd == EG_BPF_LINK_GET_FD_BY_ID)
-		return eg_guard_id(EG_ID_LINK, first, (__u32)cmd);
-	if (cmd == EG_BPF_MAP_GET_FD_BY_ID) {
-		if (EG_LOAD(__u32, attr, 8) == EG_BPF_F_RDONLY) /* open_flags: reading is no harm */
-			return 0;
-		return eg_guard_id(EG_ID_MAP, first, (__u32)cmd);
-	}
+		return eg_guard_id(EG_ID_LINK, first, (__u32)cmd, 0);
+	if (cmd == EG_BPF_MAP_GET_FD_BY_ID) /* open_flags at 8: read-only only for the counters */
+		return eg_guard_id(EG_ID_MAP, first, (__u32)cmd,
+				   EG_LOAD(__u32, attr, 8) == EG_BPF_F_RDONLY);
 	if (cmd == EG_BPF_PROG_GET_FD_BY_ID)
-		return eg_guard_id(EG_ID_PROG, first, (__u32)cmd);
+		return eg_guard_id(EG_ID_PROG, first, (__u32)cmd, 0);
+	/* lifted once the agent is dead: its successor loads its own programs */
 	if (cmd == EG_BPF_PROG_LOAD && (eg_cfg() & EG_LSM_CFG_BPF_LOAD) && eg_tracing_type(first) &&
 	    eg_protecting() && !eg_exempt())
 		return eg_tamper(EG_TAMPER_BPF_LOAD, first, 0, 0);
@@ -1029,19 +1051,47 @@ static __always_inline int eg_guard_umount(const void *mnt)
 	const void *sb = EG_LOAD(const void *, mnt, EG_OFF_VFSMOUNT_SB);
 	int zero = 0;
 	struct eg_runtime *rt = runtime.lookup(&zero);
-	if (!sb || !rt || EG_LOAD(__u32, sb, EG_OFF_SB_DEV) != rt->pin_dev || eg_exempt())
+	if (!sb || !rt)
+		return 0;
+	__u32 dev = EG_LOAD(__u32, sb, EG_OFF_SB_DEV);
+	if (dev != rt->pin_dev && (!guarded_devs.lookup(&dev) || eg_orphaned()))
+		return 0; /* the agent's files are its successor's once it is dead */
+	if (eg_exempt())
 		return 0;
 	return eg_tamper(EG_TAMPER_UMOUNT, 0, 0, 0);
+}
+
+/* A remount of the bpffs that holds the pins (read-only: the authorized stop could not
+ * unpin). */
+static __always_inline int eg_guard_remount(const void *dentry)
+{
+	if (!eg_protecting_objects() || !dentry || !eg_on_pin_fs(dentry, eg_dentry_inode(dentry)) ||
+	    eg_exempt())
+		return 0;
+	return eg_tamper(EG_TAMPER_UMOUNT, 1, 0, 0);
+}
+
+/* The agent's process was freed: from now on its programs enforce alone. */
+static __always_inline void eg_note_exit(const void *task)
+{
+	if (!eg_task_is_agent(task))
+		return;
+	if (EG_LOAD(__u32, task, EG_OFF_TASK_PID) != EG_LOAD(__u32, task, EG_OFF_TASK_TGID))
+		return; /* a thread: the process lives on */
+	int zero = 0;
+	struct eg_runtime *rt = runtime.lookup(&zero);
+	if (rt && !rt->agent_gone_ns)
+		rt->agent_gone_ns = bpf_ktime_get_boot_ns();
 }
 
 /* A mount onto a guarded path would hide what the agent reads there. */
 static __always_inline int eg_guard_mount_target(const void *dentry)
 {
-	if (!eg_protecting() || !dentry)
+	if (!eg_protecting_objects() || !dentry)
 		return 0;
 	const void *inode = eg_dentry_inode(dentry);
 	__u32 g = eg_guard_of(dentry, inode);
-	if (!g || eg_exempt())
+	if (!g || eg_exempt() || (!eg_on_pin_fs(dentry, inode) && eg_orphaned()))
 		return 0;
 	struct eg_file_key key = {};
 	eg_inode_key(inode, &key);

@@ -57,7 +57,9 @@ class RunningAgent:
         path = self.log_dir / "decisions.jsonl"
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        # whole lines only: the writer may be in the middle of the last one
+        lines = path.read_text().split("\n")[:-1]
+        return [json.loads(line) for line in lines if line.strip()]
 
     def wait_decision(self, path: str, count: int = 1, timeout: float = 15.0
                       ) -> List[Dict[str, Any]]:

@@ -28,13 +28,14 @@ from agent.backends.base import (
 from agent.backends.fanotify import FanotifyRunner, answer_for
 from agent.backends.kernel_scope import KernelScope
 from agent.backends.records import KernelRecords
-from agent.backends.tamper import KernelHeartbeat, SelfProtection
+from agent.backends.tamper import SelfProtection
 from agent.decide import Decider
 from agent.decision import Decision, Enforcement, ExecEvent, FileIdentity, Source
 from agent.errors import ExecguardError, Reason
 from agent.policy import Mode, PolicySnapshot
 from agent.sensors.bpf_lsm import Guards
 from agent.sensors.fanotify_model import ALLOW_ONCE, AllowOnce
+from agent.service.heartbeat import Heartbeat
 from agent.writers import has_writers
 
 
@@ -110,7 +111,7 @@ class LsmRunner(KernelRecords):
         self._kv = KernelVerdicts()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        self.heartbeat = KernelHeartbeat(f"{name} ring poll", lambda: self._sensor)
+        self.heartbeat = Heartbeat(f"{name} ring poll")
         self.tamper = SelfProtection(name, _say)
         self._n: Dict[str, Any] = dict.fromkeys(
             ("records", "kernel_hits", "kernel_denials", "decided", "filled_by_fanotify",
@@ -186,7 +187,6 @@ class LsmRunner(KernelRecords):
         self._scope = KernelScope(sensor, self.decider.store.current.snapshot)
         self._scope.start()
         sensor.exempt(os.getpid())  # after the self-test, whose canary must not be exempt
-        sensor.heartbeat()
         enforce = self.enforcing()
         if enforce:
             self._start_feeder()

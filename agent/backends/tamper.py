@@ -1,11 +1,12 @@
-"""Tamper resistance for the bpf-lsm runner (policy ``on_agent_exit``, docs/threat-model.md
+"""Tamper resistance for the BPF runners (policy ``on_agent_exit``, docs/threat-model.md
 "Tamper resistance").
 
 ``keep-enforcing`` in enforce mode: the program's links are pinned (agent/sensors/bpf/pins.py)
-so enforcement outlives the agent, and the LSM refuses everyone but the agent its process,
-its BPF objects, its pins and the files it lives on (bpf/exec_verdict.h EG_PROTECT). A
-heartbeat in the kernel lets the pinned programs count what they deny with no agent. Only
-``release`` (an authorized stop) or a switch to ``fail-open`` or monitor mode undoes it.
+so enforcement outlives the agent (bpf-lsm, fmod-ret), and on bpf-lsm the LSM refuses
+everyone but the agent its process, its BPF objects, its pins and the files it lives on
+(bpf/exec_verdict.h EG_PROTECT); a task_free hook tells the pinned programs the agent died,
+and they count what they deny alone. Only ``release`` (an authorized stop) or a switch to
+``fail-open`` or monitor mode undoes it.
 """
 
 from __future__ import annotations
@@ -13,46 +14,28 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import time
+import sys
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import agent
 from agent.policy import PolicySnapshot
-from agent.service.heartbeat import Heartbeat
 
 # paths the agent reads that the policy does not name (the break-glass keys directory):
 # the daemon adds them before its runner starts
 EXTRA_GUARDED: List[str] = []
-HEARTBEAT_EVERY_S = 1.0  # the kernel calls an agent silent for 5 s gone (EG_ORPHAN_NS)
+HEARTBEAT_EVERY_S = 1.0
+PINNABLE = ("bpf-lsm", "fmod-ret")  # the kernel calls an agent silent for 5 s gone (EG_ORPHAN_NS)
 CONFIG_DIR = "/etc/execguard"
-
-
-class KernelHeartbeat(Heartbeat):
-    """The poll loop's heartbeat, also written to the kernel at most once a second."""
-
-    def __init__(self, name: str, sensor: Callable[[], Any]) -> None:
-        super().__init__(name)
-        self._sensor = sensor
-        self._next = 0.0
-
-    def beat(self) -> None:
-        super().beat()
-        now = time.monotonic()
-        if now < self._next:
-            return
-        self._next = now + HEARTBEAT_EVERY_S
-        sensor = self._sensor()
-        if sensor is not None:
-            # a closed sensor at stop: the loop ends right after
-            with contextlib.suppress(Exception):
-                sensor.heartbeat()
 
 
 def guarded_paths(snapshot: PolicySnapshot) -> List[str]:
     """What the agent lives on: its code, state, logs, trust keys, policy and /etc/execguard
     (the break-glass keys are there). Paths that do not exist are left out."""
     doc = json.loads(snapshot.canonical)
-    paths = [os.path.dirname(os.path.abspath(agent.__file__)), snapshot.state_dir,
+    # a venv: all of it (the agent imports its dependencies lazily, as itself)
+    code = sys.prefix if sys.prefix != sys.base_prefix else \
+        os.path.dirname(os.path.abspath(agent.__file__))
+    paths = [code, os.path.dirname(os.path.abspath(agent.__file__)), snapshot.state_dir,
              snapshot.log_dir, CONFIG_DIR, *doc.get("trust", {}).get("keys", []),
              *EXTRA_GUARDED]
     if snapshot.source.startswith("/"):
@@ -65,11 +48,14 @@ def guarded_paths(snapshot: PolicySnapshot) -> List[str]:
     return out
 
 
-def inodes_of(paths: List[str]) -> List[Tuple[int, int, bool]]:
-    """(st_dev, st_ino, is_directory) to guard for ``paths``. A file whose device differs
-    from its directory's (overlayfs reports the layer's inode for a file, while the hooks
-    may see the overlay's) is guarded through its directory too: the kernel's walk up the
-    names finds the directory whatever layer the file is on."""
+def inodes_of(paths: List[str]) -> List[Tuple[int, int, int]]:
+    """(st_dev, st_ino, EG_GUARD_* flags) to guard for ``paths``: each path (a directory
+    and all below it, or one file), and every directory above it (not renamed, not mounted
+    over: either would put other files at the paths the agent reads). A file whose device
+    differs from its directory's (overlayfs reports the layer's inode, while the hooks may
+    see the overlay's) is guarded through its directory too."""
+    from agent.sensors.bpf.pins import GUARD_ABOVE, GUARD_DIR, GUARD_FILE
+
     out = []
     for path in paths:
         try:
@@ -77,11 +63,19 @@ def inodes_of(paths: List[str]) -> List[Tuple[int, int, bool]]:
         except OSError:
             continue
         is_dir = os.path.isdir(path)
-        out.append((st.st_dev, st.st_ino, is_dir))
+        out.append((st.st_dev, st.st_ino, GUARD_DIR if is_dir else GUARD_FILE))
+        parent = os.path.dirname(path) or "/"
         if not is_dir:
-            parent = os.stat(os.path.dirname(path) or "/")
-            if parent.st_dev != st.st_dev:
-                out.append((parent.st_dev, parent.st_ino, True))
+            pst = os.stat(parent)
+            if pst.st_dev != st.st_dev:
+                out.append((pst.st_dev, pst.st_ino, GUARD_DIR))
+        while True:
+            with contextlib.suppress(OSError):
+                pst = os.stat(parent)
+                out.append((pst.st_dev, pst.st_ino, GUARD_ABOVE))
+            if parent == "/":
+                break
+            parent = os.path.dirname(parent) or "/"
     return out
 
 
@@ -115,7 +109,14 @@ class SelfProtection:
         self.apply(snapshot)
 
     def supported(self) -> bool:
-        return self._sensor is not None and hasattr(self._sensor, "protect")
+        """The sensor's programs can be pinned (bpf-lsm, fmod-ret)."""
+        return self._sensor is not None and hasattr(self._sensor, "link_fds") \
+            and self._sensor.backend in PINNABLE
+
+    def protects(self) -> bool:
+        """And the LSM guards the agent (bpf-lsm only: fmod-ret's hooks cannot refuse
+        signals or bpf(); its pins go with an rm)."""
+        return self.supported() and bool(getattr(self._sensor, "self_protection", False))
 
     def apply(self, snapshot: PolicySnapshot) -> None:
         """Pin and protect when the policy keeps enforcing; otherwise undo both."""
@@ -132,8 +133,9 @@ class SelfProtection:
         sensor = self._sensor
         try:
             self.pins = PinSet.create(self.backend, sensor.link_fds(), sensor.stats_fd())
-            self.guarded = guarded_paths(snapshot)
-            self.registered = sensor.protect(self.pins, inodes_of(self.guarded))
+            if self.protects():
+                self.guarded = guarded_paths(snapshot)
+                self.registered = sensor.protect(self.pins, inodes_of(self.guarded))
             self.error = None
         except (OSError, KeyError) as exc:
             self.error = f"cannot pin or protect: {exc}"
@@ -141,8 +143,13 @@ class SelfProtection:
                      "ends with this agent (fail-open)")
             self.release()
             return
-        self.say(f"keep-enforcing: programs pinned in {self.pins.directory}; the agent, its "
-                 f"BPF objects and {len(self.guarded)} paths are self-protected")
+        if self.protects():
+            self.say(f"keep-enforcing: programs pinned in {self.pins.directory}; the agent, "
+                     f"its BPF objects and {len(self.guarded)} paths are self-protected")
+        else:
+            self.say(f"keep-enforcing: programs pinned in {self.pins.directory}; "
+                     f"{self.backend} cannot protect the agent or its pins (root's kill or "
+                     "rm ends enforcement): use bpf-lsm for that")
 
     def release(self) -> None:
         """Self-protection off and pins removed: enforcement ends with this agent."""
@@ -161,10 +168,9 @@ class SelfProtection:
         return {"on_agent_exit": snapshot.on_agent_exit,
                 "keep_enforcing": self.pins is not None,
                 "protected": bool(getattr(sensor, "protecting", False)),
-                "supported": self.supported(),
+                "supported": self.supported(), "self_protection": self.protects(),
                 "pin_directory": self.pins.directory if self.pins is not None else None,
                 "guarded_paths": list(self.guarded), **self.registered,
-                "heartbeat_age_s": _age(sensor),
                 "orphans": list(self.orphans), "error": self.error}
 
 
@@ -205,11 +211,3 @@ def describe_attempt(aux: int, event: Any) -> Tuple[str, str]:
     if kind == 10:
         return name, f"a mount onto a path the agent guards (inode {event.identity.ino})"
     return name, f"an attempt of kind {kind} on the agent"
-
-
-def _age(sensor: Any) -> Optional[float]:
-    try:
-        age = sensor.heartbeat_age_s() if sensor is not None else None
-    except Exception:  # a closed sensor
-        return None
-    return None if age is None else round(float(age), 3)

@@ -100,13 +100,18 @@ def tamper_resistance(backend: Optional[str]) -> Dict[str, Any]:
     from agent.sensors.bpf.sensor import VERDICT_STAT_NAMES
 
     able = backend == "bpf-lsm"
-    detail = ("policy on_agent_exit = \"keep-enforcing\" pins the programs (enforcement "
-              "outlives the agent) and the LSM refuses signals, ptrace, bpf() and file "
-              "changes aimed at the agent to everyone else; execguard stop --token ends it"
-              if able else
-              f"{backend or 'no backend'} cannot protect the agent: SIGTERM or SIGKILL "
-              "stops it and enforcement ends with it (fail-open); execguard stop --token is "
-              "the authenticated way, a signal the unauthenticated one")
+    if able:
+        detail = ("policy on_agent_exit = \"keep-enforcing\" pins the programs (enforcement "
+                  "outlives the agent) and the LSM refuses signals, ptrace, bpf() and file "
+                  "changes aimed at the agent to everyone else; execguard stop --token ends it")
+    elif backend == "fmod-ret":
+        detail = ("keep-enforcing pins the programs (enforcement outlives a crash), but its "
+                  "tracing programs cannot refuse root's kill or rm of the pins, which end "
+                  "it; execguard stop --token is the authenticated way")
+    else:
+        detail = (f"{backend or 'no backend'} cannot protect the agent: SIGTERM or SIGKILL "
+                  "stops it and enforcement ends with it (fail-open); execguard stop --token "
+                  "is the authenticated way, a signal the unauthenticated one")
     return {"self_protection": able, "detail": detail,
             "orphans": [o.__dict__ for o in orphans(VERDICT_STAT_NAMES)]}
 

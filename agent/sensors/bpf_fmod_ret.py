@@ -37,12 +37,14 @@ class BpfFmodRetSensor(BpfLsmSensor):
 
     backend = BACKEND
     source = SOURCE
+    self_protection = False  # tracing programs: no hook refuses signals or bpf()
     offsets_fn = staticmethod(fmod_ret_offsets)  # type: ignore[assignment]
     refused_hint = ("this kernel does not let fmod_ret programs load or attach (no BPF "
                     "trampolines, or a hardened kernel); run execguard doctor")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._links: List[int] = []
+        self._link_names: List[str] = []
         super().__init__(*args, **kwargs)
 
     def _attach(self, bcc: Any) -> None:
@@ -55,9 +57,16 @@ class BpfFmodRetSensor(BpfLsmSensor):
                 raise RuntimeError(f"Failed to attach fmod_ret program {hook.decode()} "
                                    f"({os.strerror(-link) if link < -1 else 'refused'})")
             self._links.append(link)
+            self._link_names.append(hook.decode())
+
+    def link_fds(self) -> Dict[str, int]:
+        """The fentry links BCC holds and the fmod_ret links this class made."""
+        out = super().link_fds()
+        out.update(zip(self._link_names, self._links))
+        return out
 
     def _detach(self) -> None:
-        links, self._links = getattr(self, "_links", []), []
+        links, self._links, self._link_names = getattr(self, "_links", []), [], []
         for link in links:  # the verdict hook first: nothing is denied once it is gone
             with contextlib.suppress(OSError):
                 os.close(link)

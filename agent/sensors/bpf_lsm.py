@@ -22,13 +22,13 @@ import ctypes
 import os
 import struct
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, ClassVar, Dict, Iterable, List, Optional, Tuple
 
 from agent.sensors.bpf.build import OffsetsFn as OffsetsFn
 from agent.sensors.bpf.build import SensorConfig
 from agent.sensors.bpf.build import build_cflags as _build_cflags
 from agent.sensors.bpf.build import program_text as _program_text
-from agent.sensors.bpf.pins import GUARD_DIR, GUARD_FILE, PinSet, obj_id
+from agent.sensors.bpf.pins import GUARD_DIR, PinSet, obj_id
 from agent.sensors.bpf.sensor import CFG_BPF_LOAD, CFG_PROTECT, VERDICT_STAT_NAMES, BpfSensor
 from agent.sensors.bpf.sensor import Guards as Guards  # where runners have imported it from
 from agent.sensors.decode import ExecRecord, st_dev_to_kernel_dev
@@ -47,6 +47,7 @@ SOURCE = "exec_lsm.c"
 F_EPERM = 0x08  # eg_exec_event.flags: the hook returned -EPERM
 STAT_NAMES = VERDICT_STAT_NAMES  # EG_LSM_STAT_*
 _KIND_FUNC, _KIND_FUNC_PROTO = 12, 13
+IDF_GUARDED, IDF_READABLE = 1, 2  # EG_IDF_* in bpf/exec_verdict.h
 DEFAULT_CONFIG = SensorConfig(ringbuf_pages=256)  # 1 MiB: ~3,100 records of backlog
 
 
@@ -74,7 +75,7 @@ class LsmStats:
     mounts_refused: int = 0
     ptrace_refused: int = 0
     epochs: int = 0  # directory renames that made every verdict stale (path rules)
-    orphan_denied: int = 0  # denials while no agent answered (pinned programs alone)
+    orphan_denied: int = 0  # denials after the agent's process was freed (pinned programs)
     tamper_refused: int = 0  # attempts on the agent refused by self-protection
 
 
@@ -150,6 +151,7 @@ def lsm_offsets(btf: Btf, blob: bytes) -> Dict[str, int]:
     out["EG_OFF_PROG_AUX"] = btf.require("bpf_prog", "aux", 8).offset
     out["EG_OFF_PROG_AUX_ID"] = btf.require("bpf_prog_aux", "id", 4).offset
     out["EG_OFF_VFSMOUNT_SB"] = btf.require("vfsmount", "mnt_sb", 8).offset
+    out["EG_OFF_TASK_PID"] = btf.require("task_struct", "pid", 4).offset
     return out
 
 
@@ -180,6 +182,7 @@ class BpfLsmSensor(BpfSensor):
 
     backend = BACKEND
     source = SOURCE
+    self_protection: ClassVar[bool] = True  # its program has the EG_PROTECT hooks
     offsets_fn = staticmethod(lsm_offsets)  # type: ignore[assignment]
     default_config = DEFAULT_CONFIG
     btf_hint = f"{BACKEND} needs CONFIG_DEBUG_INFO_BTF=y"
@@ -191,22 +194,21 @@ class BpfLsmSensor(BpfSensor):
 
     # -- self-protection (bpf/exec_verdict.h EG_PROTECT) ------------------------------------
 
-    def protect(self, pins: PinSet, guarded: Iterable[Tuple[int, int, bool]],
+    def protect(self, pins: PinSet, guarded: Iterable[Tuple[int, int, int]],
                 bpf_load: bool = True) -> Dict[str, Any]:
         """Refuse, to every process but the agent: its pins (``pins``), the files and
-        directories in ``guarded`` ((st_dev, st_ino, is_directory)), every map, program
-        and link of this program by id, signals, ptrace and limits aimed at the agent and,
-        with ``bpf_load``, loading programs that run in other processes' context. Returns
-        what it registered, by kind."""
+        directories in ``guarded`` ((st_dev, st_ino, EG_GUARD_* flags)), every map,
+        program and link of this program by id (the counters may be read), signals,
+        ptrace and limits aimed at the agent and its children and, with ``bpf_load``,
+        loading programs that run in other processes' context. Returns what it
+        registered."""
         maps, progs = self.object_fds()
-        links = pins.link_fds if pins.link_fds else {}
+        stats_id = obj_id(self.stats_fd())
         ids = [(1, obj_id(fd)) for fd in maps] + [(2, obj_id(fd)) for fd in progs] + \
-              [(3, obj_id(fd)) for fd in links.values()]
+              [(3, obj_id(fd)) for fd in pins.link_fds.values()]
         entries: Dict[Tuple[int, int], int] = {}
-        for dev, ino, flags in pins.inodes():
-            entries[(dev, ino)] = flags
-        for dev, ino, is_dir in guarded:
-            entries.setdefault((dev, ino), GUARD_DIR if is_dir else GUARD_FILE)
+        for dev, ino, flags in [*pins.inodes(), *guarded]:
+            entries[(dev, ino)] = entries.get((dev, ino), 0) | flags
         table, by_id, devs = self._bpf[b"guarded"], self._bpf[b"guarded_ids"], \
             self._bpf[b"guarded_devs"]
         with self._map_op("protect"):
@@ -215,7 +217,8 @@ class BpfLsmSensor(BpfSensor):
                 if flags & GUARD_DIR:
                     devs[ctypes.c_uint32(st_dev_to_kernel_dev(dev))] = ctypes.c_uint32(1)
             for kind, oid in ids:
-                by_id[ctypes.c_uint64(kind << 32 | oid)] = ctypes.c_uint32(1)
+                readable = IDF_READABLE if (kind, oid) == (1, stats_id) else 0
+                by_id[ctypes.c_uint64(kind << 32 | oid)] = ctypes.c_uint32(IDF_GUARDED | readable)
             cell = self._runtime[ctypes.c_int(0)]
             cell.pin_dev = st_dev_to_kernel_dev(os.stat(pins.directory).st_dev)
             self._runtime[ctypes.c_int(0)] = cell
@@ -227,9 +230,6 @@ class BpfLsmSensor(BpfSensor):
     def unprotect(self) -> None:
         """Self-protection off (an authorized stop, a switch to monitor or fail-open)."""
         self._set_protect_flags(0)
-
-    def stats_fd(self) -> int:
-        return int(self._bpf[b"stats"].map_fd)
 
     @property
     def protecting(self) -> bool:

@@ -121,9 +121,11 @@ def test_bad_probe_timeout_is_a_clear_error(
 def test_doctor_says_which_backends_can_protect_the_agent() -> None:
     """Issue 10: fanotify and kill cannot refuse root's signals; doctor says so, and says
     bpf-lsm can (the VM suite shows it doing so: tests/vm/test_tamper_vm.py)."""
-    for backend in ("fanotify-exec", "kill", "fmod-ret", "audit-only", None):
+    for backend in ("fanotify-exec", "kill", "audit-only", None):
         t = doctor_cmd.tamper_resistance(backend)
         assert t["self_protection"] is False and "fail-open" in t["detail"], backend
+    t = doctor_cmd.tamper_resistance("fmod-ret")  # pinned, but root's kill or rm ends it
+    assert t["self_protection"] is False and "rm of the pins" in t["detail"]
     t = doctor_cmd.tamper_resistance("bpf-lsm")
     assert t["self_protection"] is True and "keep-enforcing" in t["detail"]
     assert t["orphans"] == []  # no agent of this host's suite ever pins (no BPF LSM here)

@@ -24,15 +24,17 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Sequence, Set
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Set
 
 import pytest
 
@@ -165,6 +167,24 @@ def load_tracing_program() -> int:
     return 0
 
 
+def map_fd_by_id(map_id: int, readonly: bool) -> Any:
+    """BPF_MAP_GET_FD_BY_ID: errno on failure, else the map's name ("stats" for the
+    counters, which may be read)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    attr = (ctypes.c_uint32 * 4)(map_id, 0, 1 << 3 if readonly else 0, 0)
+    fd = libc.syscall(321, 14, ctypes.byref(attr), ctypes.sizeof(attr))
+    if fd < 0:
+        return ctypes.get_errno()
+    try:
+        info = (ctypes.c_uint8 * 88)()
+        iattr = (ctypes.c_uint32 * 4)(fd, 88, 0, 0)
+        ctypes.c_uint64.from_buffer(iattr, 8).value = ctypes.addressof(info)
+        assert libc.syscall(321, 15, ctypes.byref(iattr), ctypes.sizeof(iattr)) == 0
+        return bytes(info[24:40]).split(b"\0")[0].decode()  # bpf_map_info.name
+    finally:
+        os.close(fd)
+
+
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory, vm_material: Material) -> Iterator[Rig]:
     tmp = tmp_path_factory.mktemp("tamper")
@@ -186,6 +206,26 @@ def test_the_agent_refuses_signals_ptrace_and_limits(rig: Rig) -> None:
             os.kill(pid, sig)
     os.kill(pid, 0)  # existence is no secret
     refused(rig, "signal")
+    # SIGIO with F_SETSIG: the kernel sends it without security_task_kill
+    a, b = socket.socketpair()
+    try:
+        fcntl.fcntl(a, fcntl.F_SETOWN, pid)
+        fcntl.fcntl(a, 10, signal.SIGKILL)  # F_SETSIG
+        fcntl.fcntl(a, fcntl.F_SETFL, os.O_ASYNC)
+        b.send(b"x")
+        time.sleep(1)
+    finally:
+        a.close()
+        b.close()
+    assert rig.agent.proc.poll() is None, "SIGIO killed the agent"
+    # its children (the fanotify watchdog) hold what it holds
+    children = [int(p) for p in run("pgrep", "-P", str(pid)).stdout.split()]
+    assert children, "the agent has no child to attack (fanotify watchdog?)"
+    for child in children:
+        with pytest.raises(PermissionError):
+            os.kill(child, signal.SIGKILL)
+        failed(run("gdb", "-batch", "-p", str(child), "-ex", "detach", timeout=60),
+               "gdb -p on the agent's child")
     failed(run("strace", "-p", str(pid), "-e", "trace=none", timeout=20), "strace -p")
     failed(run("gdb", "-batch", "-p", str(pid), "-ex", "detach", timeout=60), "gdb -p")
     refused(rig, "ptrace")
@@ -212,6 +252,8 @@ def test_bpftool_cannot_reach_its_links_maps_or_programs(rig: Rig) -> None:
     assert pins, tamper(rig)
     failed(run("bpftool", "link", "detach", "pinned", str(pins[0])), "bpftool detach pinned")
     refused(rig, "pin")
+    for m in ids["maps"]:  # read-only is no way in either: a program of one's own writes it
+        assert map_fd_by_id(m, readonly=True) in (errno.EPERM, "stats"), m
     assert load_tracing_program() == errno.EPERM
     refused(rig, "bpf-load")
     still_enforcing(rig, "bpftool")
@@ -262,6 +304,17 @@ def test_its_state_keys_and_policy_cannot_be_changed(rig: Rig, vm_material: Mate
         ran.append(name)
     assert not ran, f"not refused: {ran}; before: {info}; after: {tamper(rig)}"
     refused(rig, "file")
+    chattr = run("chattr", "+i", str(rig.policy))
+    assert chattr.returncode != 0 and "not permitted" in chattr.stderr, chattr
+    with pytest.raises(PermissionError):
+        os.setxattr(rig.policy, "user.eg", b"1")
+    # the directories above its files: not moved, not mounted over
+    above = state.parent.parent
+    decoy = Path(tempfile.mkdtemp(prefix="eg-decoy-"))
+    failed(run("mount", "--bind", str(decoy), str(above)), "mount over a parent of its state")
+    with pytest.raises(PermissionError):
+        os.rename(above, str(above) + "-moved")
+    decoy.rmdir()
     assert 'on_agent_exit = "keep-enforcing"' in rig.policy.read_text()  # reading is fine
     still_enforcing(rig, "writes to its files")
     wait_in_log(rig.auditd.log_file, "reason=tamper", timeout=30)
@@ -277,6 +330,36 @@ def test_the_authorized_stop_removes_every_program_and_pin(rig: Rig) -> None:
     assert not {link["id"] for link in shown} & set(links)
     assert exec_file(rig.bad).returncode == 0  # enforcement ended with the agent
     assert load_tracing_program() == 0
+
+
+def test_fmod_ret_pins_outlive_its_agent_but_root_can_remove_them(
+        tmp_path_factory: pytest.TempPathFactory, vm_material: Material) -> None:
+    """fmod-ret pins its links too, so its enforcement outlives a crash; its tracing
+    programs have no hook to refuse signals or bpf(), so root's kill -9 and rm of the pins
+    work (doctor and status say so: self_protection false)."""
+    tmp = tmp_path_factory.mktemp("fmodret")
+    scope = Path(tempfile.mkdtemp(prefix="eg-fmodret-scope-"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m,mode=0755", "eg-fmodret",
+                    str(scope)], check=True, timeout=10)
+    try:
+        ok = copy_signed(vm_material.bins["app"], scope / "ok", vm_material.private["a"])
+        bad = copy_signed(vm_material.bins["app"], scope / "bad", None)
+        policy = tmp / "policy.toml"
+        keep_enforcing_policy(policy, scope, vm_material, contained=False)
+        with running_agent(tmp, "--policy", str(policy), "--backend", "fmod-ret",
+                           ready_timeout=240) as agent:
+            wait_for(lambda: bool(agent.status()["prewarm"]["scan_done"]), timeout=120)
+            t = agent.status()["sensor"]["tamper"]
+            assert t["keep_enforcing"] and not t["self_protection"] and not t["protected"], t
+            directory = Path(t["pin_directory"])
+            os.kill(agent.proc.pid, signal.SIGKILL)  # nothing refuses it
+            agent.proc.wait(timeout=30)
+            assert exec_file(bad).returncode == EPERM_RC  # the pinned links enforce
+            assert exec_file(ok).returncode == 0
+            assert run("rm", "-rf", str(directory)).returncode == 0  # nothing guards them
+            wait_for(lambda: exec_file(bad).returncode == 0, timeout=20)
+    finally:
+        subprocess.run(["umount", "-l", str(scope)], capture_output=True, timeout=10)
 
 
 @pytest.mark.lockdown_modes("confidentiality")  # the last run of each boot: the orphan stays
@@ -299,16 +382,23 @@ def test_enforcement_outlives_an_agent_killed_past_its_guards(
         assert directory.exists()
         assert exec_file(rig.bad).returncode == EPERM_RC  # the pinned programs enforce
         assert exec_file(rig.ok).returncode == 0  # from the verdicts they hold
-        time.sleep(6)  # no heartbeat for 5 s: the kernel counts denials as made alone
+        time.sleep(1)  # the process is freed (task_free) once reaped: it enforces alone
         assert exec_file(rig.bad).returncode == EPERM_RC
         with pytest.raises(PermissionError):
             sorted(directory.glob("link_*"))[0].unlink()
-        # a restarted agent: it cannot adopt the orphan, it reports it and its denials
+        # a restarted agent cannot adopt the orphan: it reports it and its denials, and
+        # pins and protects itself beside it (the orphan lets it load, pin and write)
         again = tmp / "again"
         again.mkdir()
         with running_agent(again, "--policy", str(rig.policy), "--backend", "bpf-lsm",
-                           "--mode", "monitor", ready_timeout=240) as second:
-            orphans: Sequence[Dict[str, Any]] = second.status()["sensor"]["tamper"]["orphans"]
-            mine = [o for o in orphans if o["directory"] == str(directory)]
-            assert mine and mine[0]["counters"]["orphan_denied"] >= 1, orphans
-        assert exec_file(rig.bad).returncode == EPERM_RC
+                           "--breakglass-keys", str(tmp / "bg-keys"),
+                           ready_timeout=240) as second:
+            t = second.status()["sensor"]["tamper"]
+            mine = [o for o in t["orphans"] if o["directory"] == str(directory)]
+            assert mine and mine[0]["counters"]["orphan_denied"] >= 1, t["orphans"]
+            wait_for(lambda: bool(second.status()["sensor"]["tamper"]["protected"]), 60)
+            with pytest.raises(PermissionError):
+                os.kill(second.proc.pid, signal.SIGKILL)
+            done = authorized_stop(second, rig.tokens[0])
+            assert done.returncode == 0, (done.stdout, done.stderr)
+        assert exec_file(rig.bad).returncode == EPERM_RC  # the orphan stays until reboot

@@ -30,7 +30,8 @@ BPF_FS_MAGIC = 0xCAFE4A11
 _NR_BPF = 321  # x86_64
 _BPF_MAP_LOOKUP_ELEM, _BPF_OBJ_PIN, _BPF_OBJ_GET, _BPF_OBJ_GET_INFO_BY_FD = 1, 6, 7, 15
 _BPF_F_RDONLY = 1 << 3
-GUARD_DIR, GUARD_PIN, GUARD_FILE, GUARD_RO = 1, 2, 4, 8  # EG_GUARD_* in bpf/exec_verdict.h
+# EG_GUARD_* in bpf/exec_verdict.h
+GUARD_DIR, GUARD_PIN, GUARD_FILE, GUARD_RO, GUARD_ABOVE = 1, 2, 4, 8, 16
 STATS_PIN = "map_stats"
 # bpffs refuses names with a dot (it keeps them for itself): underscores separate
 _DIR_NAME = re.compile(r"(?P<backend>[a-z-]+)_(?P<pid>[0-9]+)_(?P<start>[0-9]+)\Z")
@@ -162,13 +163,20 @@ class PinSet:
         return pins
 
     def inodes(self) -> List[Tuple[int, int, int]]:
-        """(st_dev, st_ino, EG_GUARD_* flags) of the pin root, our directory, every pin."""
+        """(st_dev, st_ino, EG_GUARD_* flags) of bpffs's root and our pin root (neither
+        moved nor mounted over; a successor makes its own directory there), our directory
+        and every pin."""
         out = []
         stats = f"{self.directory}/{STATS_PIN}"
-        for path in (PIN_ROOT, self.directory, *self.links.values(), stats):
+        for path in (BPFFS, PIN_ROOT, self.directory, *self.links.values(), stats):
             st = os.stat(path)
-            flags = GUARD_DIR if os.path.isdir(path) else GUARD_PIN
-            out.append((st.st_dev, st.st_ino, flags | (GUARD_RO if path == stats else 0)))
+            if path in (BPFFS, PIN_ROOT):
+                flags = GUARD_ABOVE
+            elif path == self.directory:
+                flags = GUARD_DIR
+            else:
+                flags = GUARD_PIN | (GUARD_RO if path == stats else 0)
+            out.append((st.st_dev, st.st_ino, flags))
         return out
 
     def remove(self) -> None:

@@ -334,19 +334,9 @@ class BpfSensor:
         with self._map_op("exempt"):
             self._exempt[ctypes.c_uint32(tgid)] = ctypes.c_uint64(start_ticks(tgid))
 
-    def heartbeat(self) -> None:
-        """The agent answers (CLOCK_BOOTTIME now): denials while it is silent for long are
-        counted as made with no agent (``orphan_denied``)."""
-        with self._map_op("heartbeat"):
-            cell = self._runtime[ctypes.c_int(0)]
-            cell.agent_seen_ns = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
-            self._runtime[ctypes.c_int(0)] = cell
-
-    def heartbeat_age_s(self) -> Optional[float]:
-        """Seconds since the kernel last heard the agent's heartbeat (None: never)."""
-        with self._map_op("heartbeat_age"):
-            seen = int(self._runtime[ctypes.c_int(0)].agent_seen_ns)
-        return None if seen == 0 else (time.clock_gettime_ns(time.CLOCK_BOOTTIME) - seen) / 1e9
+    def stats_fd(self) -> int:
+        """The counters' map (pinned beside the links: a restarted agent reads them)."""
+        return int(self._bpf[b"stats"].map_fd)
 
     def link_fds(self) -> Dict[str, int]:
         """The BPF link of every attached program, by program name (for pinning)."""
