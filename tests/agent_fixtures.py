@@ -102,6 +102,19 @@ def running_agent(tmp: Path, *args: str, ready_timeout: float = 90.0,
         stop(proc)
 
 
+def cli(*args: str, stdin: str = "", timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``execguard ARGS`` from the tree, as a subprocess: the CLI as an operator runs it."""
+    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=str(REPO), input=stdin)
+
+
+def keygen(prefix: Path) -> Path:
+    """A key pair PREFIX.key / PREFIX.pub made by ``execguard keygen``; returns the .key."""
+    done = cli("keygen", "--output-prefix", str(prefix), "--no-password")
+    assert done.returncode == 0, done.stderr
+    return Path(f"{prefix}.key")
+
+
 def stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):

@@ -7,23 +7,18 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.agent_fixtures import REPO, exec_file, running_agent, scoped_tmpfs, wait_for
+from tests.agent_fixtures import cli, exec_file, running_agent, scoped_tmpfs, wait_for
 from tests.policy_fixtures import Material, copy_signed, material_fixture  # noqa: F401
 from tests.record_fixtures import auditd_running, run_tool, wait_in_log
 
 pytestmark = pytest.mark.timeout(240)
 
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True,
-                          text=True, timeout=60, cwd=str(REPO))
 
 
 @pytest.fixture

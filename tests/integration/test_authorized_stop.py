@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 import pytest
 
 from agent.breakglass.token import HostId
-from tests.agent_fixtures import REPO, exec_file, running_agent, scoped_tmpfs
+from tests.agent_fixtures import cli, exec_file, keygen, running_agent, scoped_tmpfs
 from tests.policy_fixtures import Material, copy_signed, material_fixture  # noqa: F401
 from tests.record_fixtures import auditd_running, run_tool, wait_in_log
 
@@ -31,20 +29,11 @@ pytestmark = pytest.mark.timeout(300)
 BACKEND, DENY = "fanotify-exec", "fanotify-deny"
 
 
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True,
-                          text=True, timeout=60, cwd=str(REPO))
-
 
 @pytest.fixture
 def material(material_fixture: Material) -> Material:  # noqa: F811
     return material_fixture
 
-
-def keygen(prefix: Path) -> Path:
-    done = cli("keygen", "--output-prefix", str(prefix), "--no-password")
-    assert done.returncode == 0, done.stderr
-    return Path(f"{prefix}.key")
 
 
 def issue(key: Path, host: str, out: Path, grant: str) -> Tuple[Path, str]:

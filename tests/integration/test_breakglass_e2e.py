@@ -13,7 +13,6 @@ import base64
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List
@@ -22,7 +21,7 @@ import pytest
 
 from agent import signing
 from agent.breakglass.token import HostId, issue
-from tests.agent_fixtures import REPO, exec_file, running_agent, scoped_tmpfs, wait_for
+from tests.agent_fixtures import cli, exec_file, keygen, running_agent, scoped_tmpfs, wait_for
 from tests.policy_fixtures import Material, copy_signed, material_fixture  # noqa: F401
 from tests.record_fixtures import auditd_running, run_tool, wait_in_log
 
@@ -34,20 +33,11 @@ EXPIRY_S = 12  # long enough for the monitor-mode execs below, short for the sui
 BACKEND, DENY = "fanotify-exec", "fanotify-deny"
 
 
-def cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True,
-                          text=True, timeout=60, cwd=str(REPO), input=stdin)
-
 
 @pytest.fixture
 def material(material_fixture: Material) -> Material:  # noqa: F811
     return material_fixture
 
-
-def keygen(prefix: Path) -> Path:
-    done = cli("keygen", "--output-prefix", str(prefix), "--no-password")
-    assert done.returncode == 0, done.stderr
-    return Path(f"{prefix}.key")
 
 
 def issue_cli(key: Path, host: str, out: Path, seconds: int, reason: str = "incident 7"

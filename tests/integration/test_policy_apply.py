@@ -7,8 +7,6 @@ enforcing; anti-rollback survives a restart; an expired bundle keeps enforcing w
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -17,7 +15,7 @@ from typing import Any, Dict, List
 import pytest
 
 from agent.policy.bundle import canonical_payload
-from tests.agent_fixtures import REPO, RunningAgent, exec_file, running_agent, scoped_tmpfs
+from tests.agent_fixtures import RunningAgent, cli, exec_file, running_agent, scoped_tmpfs
 from tests.policy_bundle_fixtures import (
     RootKeys,
     make_bundle,
@@ -36,10 +34,6 @@ pytestmark = pytest.mark.timeout(300)
 def material(material_fixture: Material) -> Material:  # noqa: F811
     return material_fixture
 
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True,
-                          text=True, timeout=60, cwd=str(REPO))
 
 
 def apply(agent: RunningAgent, bundle: Path) -> Dict[str, Any]:

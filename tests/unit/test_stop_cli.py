@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Iterator, Tuple
 
@@ -21,13 +20,8 @@ from agent.breakglass.stop import register as register_stop
 from agent.breakglass.token import local_host_id
 from agent.control import ControlServer
 from agent.daemon import Agent
-from tests.agent_fixtures import REPO
+from tests.agent_fixtures import cli
 from tests.unit.test_breakglass_agent import make_agent
-
-
-def cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True,
-                          text=True, timeout=60, cwd=str(REPO), input=stdin)
 
 
 def one_json(done: subprocess.CompletedProcess[str]) -> dict:  # type: ignore[type-arg]

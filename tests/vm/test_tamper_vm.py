@@ -30,7 +30,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Set
 
 import pytest
 
-from tests.agent_fixtures import REPO, RunningAgent, exec_file, running_agent, wait_for
+from tests.agent_fixtures import RunningAgent, cli, exec_file, keygen, running_agent, wait_for
 from tests.policy_fixtures import Material, copy_signed
 from tests.rearm_fixtures import write_policy
 from tests.record_fixtures import Auditd, auditd_running, wait_in_log
@@ -48,10 +47,6 @@ pytestmark = [pytest.mark.timeout(900), pytest.mark.lockdown_modes("integrity", 
 EPERM_RC = 126
 PIN_ROOT = Path("/sys/fs/bpf/execguard")
 
-
-def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=str(REPO))
 
 
 def run(*argv: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
@@ -82,14 +77,13 @@ def stop_tokens(tmp: Path, count: int) -> List[Path]:
     """Break-glass keys pinned for the agent, and ``count`` stop tokens for this host."""
     keys = tmp / "bg-keys"
     keys.mkdir()
-    done = cli("keygen", "--output-prefix", str(keys / "ops"), "--no-password")
-    assert done.returncode == 0, done.stderr
+    key = keygen(keys / "ops")  # ops.pub is the pinned key
     host = cli("breakglass", "host-id").stdout.strip()
     out = []
     for i in range(count):
         token = tmp / f"stop-{i}.token"
         done = cli("breakglass", "issue", "--host", host, "--seconds", "3600", "--reason",
-                   f"tamper test stop {i}", "--key", str(keys / "ops.key"), "--grant", "stop",
+                   f"tamper test stop {i}", "--key", str(key), "--grant", "stop",
                    "-o", str(token))
         assert done.returncode == 0, done.stderr
         out.append(token)
