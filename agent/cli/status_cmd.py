@@ -33,6 +33,20 @@ def _flatten(prefix: str, value: Any, out: List[str]) -> None:
         out.append(f"{prefix:<28} {value}")
 
 
+def tamper_line(status: Dict[str, Any]) -> str:
+    """What stopping this agent would do (docs/threat-model.md, "Tamper resistance")."""
+    sensor = status.get("sensor")
+    t = sensor.get("tamper") if isinstance(sensor, dict) else None
+    if not isinstance(t, dict) or not t.get("keep_enforcing"):
+        return ("on agent exit: fail-open (stopping the agent ends enforcement; "
+                "execguard stop --token is the authenticated way)")
+    how = ("self-protected: the kernel refuses signals, ptrace and bpf() aimed at it"
+           if t.get("protected") else "not self-protected: root's kill or rm of the pins "
+           "ends it")
+    return (f"on agent exit: keep-enforcing (programs pinned in {t.get('pin_directory')}; "
+            f"{how}; execguard stop --token ends it)")
+
+
 def render(status: Dict[str, Any]) -> str:
     head = (f"execguard {status.get('state', '?')}: backend {status.get('backend', '?')}, "
             f"enforcement {status.get('enforcement', '?')}, mode {status.get('mode', '?')}")
@@ -42,6 +56,7 @@ def render(status: Dict[str, Any]) -> str:
         from agent.cli.breakglass_cmd import describe
 
         lines.append(describe(breakglass))
+    lines.append(tamper_line(status))
     for warning in status.get("warnings", []) or []:
         lines.append(f"WARNING: {warning}")
     rest = {k: v for k, v in status.items()

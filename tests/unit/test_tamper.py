@@ -80,3 +80,16 @@ def test_pin_directories_of_dead_agents_are_orphans(tmp_path: Path) -> None:
 def test_start_ticks_order_processes_by_when_they_started() -> None:
     assert pins.start_ticks(os.getpid()) > 0
     assert pins.start_ticks(1) <= pins.start_ticks(os.getpid())
+
+
+def test_status_says_what_stopping_the_agent_would_do() -> None:
+    from agent.cli.status_cmd import render
+
+    plain = render({"state": "ready", "backend": "fanotify-exec", "sensor": {}})
+    assert "on agent exit: fail-open" in plain
+    kept = render({"state": "ready", "backend": "bpf-lsm", "sensor": {"tamper": {
+        "keep_enforcing": True, "protected": True, "pin_directory": "/sys/fs/bpf/execguard/x"}}})
+    assert "keep-enforcing" in kept and "self-protected" in kept and "/sys/fs/bpf" in kept
+    fmod = render({"state": "ready", "backend": "fmod-ret", "sensor": {"tamper": {
+        "keep_enforcing": True, "protected": False, "pin_directory": "/p"}}})
+    assert "not self-protected" in fmod
