@@ -43,6 +43,7 @@ FLUSH_EVERY_S = 30.0
 class RunOptions:
     policy: Optional[str] = None
     mode: Optional[str] = None
+    on_agent_exit: Optional[str] = None  # --on-agent-exit: the policy key, from the command line
     scopes: Sequence[str] = ()
     keys: Sequence[str] = ()
     backend: Optional[str] = None
@@ -67,7 +68,7 @@ def load_snapshot(opts: RunOptions) -> PolicySnapshot:
     base = read_policy(opts.policy) if opts.policy else default_policy()
     return apply_overrides(base, mode=opts.mode, scopes=tuple(opts.scopes),
                            keys=tuple(opts.keys), state_dir=opts.state_dir,
-                           log_dir=opts.log_dir)
+                           log_dir=opts.log_dir, on_agent_exit=opts.on_agent_exit)
 
 
 class Console:

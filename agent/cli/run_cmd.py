@@ -35,6 +35,11 @@ def add_parser(sub: Any) -> None:
                    help="policy file (TOML or JSON), or a signed policy bundle (verified "
                    "with --policy-keys like any bundle; docs/bundles.md)")
     p.add_argument("--mode", choices=("monitor", "enforce"))
+    p.add_argument("--on-agent-exit", choices=("fail-open", "keep-enforcing"),
+                   help="the policy's on_agent_exit: keep-enforcing pins the BPF programs so "
+                   "enforcement outlives the agent, and on bpf-lsm the kernel refuses "
+                   "signals, ptrace and bpf() aimed at it; only 'execguard stop --token' or a "
+                   "reboot ends it (docs/threat-model.md, \"Tamper resistance\")")
     p.add_argument("--scope", action="append", default=[], metavar="DIR",
                    help="watch/enforce only under DIR (repeatable; replaces the policy's scopes)")
     p.add_argument("--key", action="append", default=[], metavar="PEM",
@@ -67,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
         print("execguard run: needs root (BPF, fanotify and auditd); prefix it with sudo",
               file=sys.stderr)
         return EXIT_ERROR
-    opts = RunOptions(policy=args.policy, mode=args.mode, scopes=tuple(args.scope),
+    opts = RunOptions(policy=args.policy, mode=args.mode, on_agent_exit=args.on_agent_exit,
+                      scopes=tuple(args.scope),
                       keys=tuple(args.key), backend=args.backend, state_dir=args.state_dir,
                       log_dir=args.log_dir, status_interval=args.status_interval,
                       quiet=args.quiet, prewarm=not args.no_prewarm, audit=args.audit,

@@ -141,7 +141,8 @@ def _absolute(value: str) -> str:
 def apply_overrides(snapshot: PolicySnapshot, mode: Optional[str] = None,
                     scopes: Sequence[str] = (), keys: Sequence[str] = (),
                     state_dir: Optional[str] = None,
-                    log_dir: Optional[str] = None) -> PolicySnapshot:
+                    log_dir: Optional[str] = None,
+                    on_agent_exit: Optional[str] = None) -> PolicySnapshot:
     """A new snapshot with ``execguard run`` flags applied; the digest changes with them.
 
     ``scopes`` and ``keys``, when given, replace the policy's lists (the operator gets
@@ -160,6 +161,8 @@ def apply_overrides(snapshot: PolicySnapshot, mode: Optional[str] = None,
         flags.append(("--state-dir", "state_dir", _absolute(state_dir)))
     if log_dir is not None:
         flags.append(("--log-dir", "log_dir", _absolute(log_dir)))
+    if on_agent_exit is not None:
+        flags.append(("--on-agent-exit", "on_agent_exit", on_agent_exit))
     for flag, key, value in flags:
         try:
             schema.POLICY(dict(doc, **{key: value}), "")

@@ -93,3 +93,12 @@ def test_status_says_what_stopping_the_agent_would_do() -> None:
     fmod = render({"state": "ready", "backend": "fmod-ret", "sensor": {"tamper": {
         "keep_enforcing": True, "protected": False, "pin_directory": "/p"}}})
     assert "not self-protected" in fmod
+
+
+def test_the_command_line_can_ask_to_keep_enforcing() -> None:
+    from agent.policy.load import apply_overrides
+
+    snap = apply_overrides(policy(), on_agent_exit="keep-enforcing")
+    assert snap.keeps_enforcing and "--on-agent-exit keep-enforcing" in snap.overrides
+    with pytest.raises(MalformedInput, match="--on-agent-exit"):
+        apply_overrides(policy(), on_agent_exit="maybe")
