@@ -1,4 +1,5 @@
-"""bpf-lsm exec overhead, inside the lockdown test VM: agent off vs monitor vs enforce.
+"""bpf-lsm exec overhead, inside the lockdown test VM: agent off vs monitor vs enforce vs
+protected (enforce with on_agent_exit = keep-enforcing: pinned and self-protected).
 
 BPF LSM programs cannot load on the build host, so this runs in the VM (`make bench-lsm`
 boots it; scripts/vm-bench-lsm.sh). Under qemu TCG an exec costs 100-200x what it costs on
@@ -46,7 +47,9 @@ from exec_harness import (  # type: ignore[import-not-found]
     place,
 )
 
-CONDITIONS = ("off", "monitor", "enforce")
+# protected: enforce with on_agent_exit = keep-enforcing (pinned, self-protected: the guard
+# hooks on every path lookup, open and signal are what it adds); stopped with a token
+CONDITIONS = ("off", "monitor", "enforce", "protected")
 BPF_STATS = "/proc/sys/kernel/bpf_stats_enabled"
 
 
@@ -147,13 +150,19 @@ def visit(cond: str, m: str, r: str, key: str, work: str, args: argparse.Namespa
     if cond == "off":
         blocks(None)
     else:
-        with agent_running(work, "bpf-lsm", cond, os.path.dirname(m), key,
+        protected = cond == "protected"
+        extra = ["--on-agent-exit", "keep-enforcing", "--breakglass-keys",
+                 os.path.join(work, "bg-keys")] if protected else []
+        with agent_running(work, "bpf-lsm", "enforce" if protected else cond,
+                           os.path.dirname(m), key, extra=extra,
                            ready_s=args.ready_s) as daemon:
             guard.victims = [daemon.pgid]
             try:
                 blocks(daemon)
             finally:
                 guard.victims = []
+                if protected:  # the kernel refuses its SIGTERM: the authorized stop
+                    authorized_stop(daemon, work)
     m_execs = bpf["M"][2]
     if m_execs:  # per hook: ns per call, calls per exec (the issue's per-hook targets)
         res["bpf_per_prog_M"] = {
@@ -171,6 +180,29 @@ def visit(cond: str, m: str, r: str, key: str, work: str, args: argparse.Namespa
         [mm / rr for mm, rr in zip(res["M_ns"], res["R_ns"])]), 4)
     print(json.dumps({k: v for k, v in res.items() if not k.endswith("_ns")}), flush=True)
     return res
+
+
+def stop_keys(work: str) -> None:
+    """Break-glass keys in WORK/bg-keys for the protected visits' authorized stops."""
+    keys = os.path.join(work, "bg-keys")
+    os.makedirs(keys)
+    subprocess.run([sys.executable, "-m", "agent", "keygen", "--output-prefix",
+                    os.path.join(keys, "bench"), "--no-password"], check=True, cwd=REPO,
+                   capture_output=True, timeout=120)
+
+
+def authorized_stop(daemon: Daemon, work: str) -> None:
+    """A fresh stop token (each is single-use), then ``execguard stop --token``."""
+    def agent(*argv: str) -> str:
+        return subprocess.run([sys.executable, "-m", "agent", *argv], check=True, cwd=REPO,
+                              capture_output=True, text=True, timeout=120).stdout
+    token = os.path.join(work, f"stop-{time.monotonic_ns()}.token")
+    host = agent("breakglass", "host-id").strip()
+    agent("breakglass", "issue", "--host", host, "--seconds", "600", "--reason", "bench stop",
+          "--key", os.path.join(work, "bg-keys", "bench.key"), "--grant", "stop", "-o", token)
+    agent("stop", "--token", token, "--socket", daemon.info["socket"])
+    assert daemon.proc is not None
+    daemon.proc.wait(timeout=120)
 
 
 def summarize(visits: List[Dict[str, Any]], rounds: int) -> Dict[str, Any]:
@@ -215,6 +247,7 @@ def run(args: argparse.Namespace) -> int:
         lockdown = fh.read().strip()
     work = os.path.join("/tmp", f"eg-lsm-bench-{os.getpid()}")
     os.makedirs(work)
+    stop_keys(work)
     result: Dict[str, Any] = {
         "kernel": os.uname().release, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "lockdown": lockdown,
@@ -229,7 +262,8 @@ def run(args: argparse.Namespace) -> int:
             m, r = place(target, mdir), place(target, rdir)
             with StallGuard(args.stall_s) as guard:
                 for rnd in range(args.rounds):
-                    order = CONDITIONS[rnd % 3:] + CONDITIONS[:rnd % 3]
+                    k = rnd % len(CONDITIONS)
+                    order = CONDITIONS[k:] + CONDITIONS[:k]
                     for cond in order:
                         v = visit(cond, m, r, key, work, args, guard)
                         v["round"] = rnd
