@@ -79,6 +79,27 @@ def inodes_of(paths: List[str]) -> List[Tuple[int, int, int]]:
     return out
 
 
+def held_for_write(paths: List[str]) -> List[str]:
+    """The guarded regular files someone holds open for write now: self-protection judges
+    opens, so a descriptor taken before it keeps writing (agent/writers.py tells)."""
+    from agent.writers import has_writers
+
+    out = []
+    for path in paths:
+        if not os.path.isfile(path):
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            if has_writers(fd):
+                out.append(path)
+        finally:
+            os.close(fd)
+    return out
+
+
 class SelfProtection:
     """Pins and guards one bpf-lsm sensor while the policy keeps enforcing."""
 
@@ -89,6 +110,7 @@ class SelfProtection:
         self.guarded: List[str] = []
         self.registered: Dict[str, Any] = {}
         self.orphans: List[Dict[str, Any]] = []
+        self.open_for_write: List[str] = []
         self.error: Optional[str] = None
         self._sensor: Any = None
 
@@ -136,6 +158,11 @@ class SelfProtection:
             if self.protects():
                 self.guarded = guarded_paths(snapshot)
                 self.registered = sensor.protect(self.pins, inodes_of(self.guarded))
+                self.open_for_write = held_for_write(self.guarded)
+                for path in self.open_for_write:
+                    self.say(f"WARNING: {path} is open for write by another process: its "
+                             "writes through that descriptor are not refused (only new "
+                             "opens are); restart that process or the agent")
             self.error = None
         except (OSError, KeyError) as exc:
             self.error = f"cannot pin or protect: {exc}"
@@ -171,6 +198,7 @@ class SelfProtection:
                 "supported": self.supported(), "self_protection": self.protects(),
                 "pin_directory": self.pins.directory if self.pins is not None else None,
                 "guarded_paths": list(self.guarded), **self.registered,
+                "open_for_write": list(self.open_for_write),
                 "orphans": list(self.orphans), "error": self.error}
 
 

@@ -28,12 +28,13 @@ from typing import Any, Dict, Iterator, List
 import pytest
 
 from agent.control import ControlError, request
-from tests.agent_fixtures import scoped_tmpfs
+from tests.agent_fixtures import cli, keygen, scoped_tmpfs
 from tests.service_fixtures import Systemd, booted_systemd, freeze_thread
 
 pytestmark = [pytest.mark.timeout(240)]
 
 UNIT = "execguard.service"
+UNIT_FILE = Path(__file__).resolve().parents[2] / "packaging" / UNIT
 VENV_EXECGUARD = Path(sys.executable).parent / "execguard"
 WATCHDOG_S = 6
 # the unit's CapabilityBoundingSet, by capability number (linux/capability.h)
@@ -107,11 +108,14 @@ class Service:
 
 
 def write_options(options: Path, work: Path, backend: str) -> None:
-    """The EnvironmentFile: the test's policy, state and log directories, a forced backend
-    (the auto probe would only add time: bpf-lsm cannot load on this host's kernel)."""
+    """The EnvironmentFile: the test's policy, state and log directories, its break-glass
+    keys, a forced backend (the auto probe would only add time: bpf-lsm cannot load on this
+    host's kernel), and where ExecStop finds the agent."""
     options.write_text(
         f'EXECGUARD_OPTS="--policy {work / "policy.toml"} --state-dir {work / "state"} '
-        f'--log-dir {work / "log"} --backend {backend} --status-interval 0"\n')
+        f'--log-dir {work / "log"} --backend {backend} --status-interval 0 '
+        f'--breakglass-keys {work / "bg-keys"}"\n'
+        f'EXECGUARD_STOP_OPTS="--state-dir {work / "state"}"\n')
 
 
 def _host_tid(host_pid: int, ns_tid: int) -> int:
@@ -141,9 +145,17 @@ def svc_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
             f'[trust]\nkeys = ["{pub}"]\n'
             '[[rules]]\nid = "signed"\naction = "require-signature"\n')
         options = work / "execguard.default"
+        (work / "bg-keys").mkdir()
+        keygen(work / "bg-keys" / "ops")
+        # the shipped ExecStop with this checkout's execguard and the test's token path
+        stop_line = next(line for line in UNIT_FILE.read_text().splitlines()
+                         if line.startswith("ExecStop="))
+        stop_line = stop_line.replace("/opt/execguard/bin/execguard", str(VENV_EXECGUARD)) \
+            .replace("/run/execguard/stop.token", str(work / "stop.token"))
         dropin = (
             "[Service]\nExecStart=\n"
             f"ExecStart={VENV_EXECGUARD} run $EXECGUARD_OPTS\n"
+            f"ExecStop=\n{stop_line}\n"
             f"EnvironmentFile=\nEnvironmentFile={options}\n"
             f"WatchdogSec={WATCHDOG_S}s\n"
             f"StandardOutput=append:{work / 'agent.log'}\n"
@@ -288,6 +300,29 @@ def test_bcc_loads_under_the_hardening_and_a_degraded_start_says_so(svc: Service
     assert "degraded" in props["StatusText"]
     service = svc.ask("service")
     assert service["pinging"] and [loop["name"] for loop in service["loops"]] == ["exec-notify"]
+
+
+def test_a_stop_token_makes_systemctl_stop_an_authorized_stop(svc: Service) -> None:
+    """The unit's ExecStop sends /run/execguard/stop.token (here: the test's path) with
+    `execguard stop`: the only stop a keep-enforcing bpf-lsm agent accepts. Shown on
+    fanotify, where SIGTERM would also work: the record says which stop it was."""
+    _restart_with(svc, "fanotify-exec")
+    host = svc.sd.nsenter(str(VENV_EXECGUARD), "breakglass", "host-id", pid_ns=True)
+    token = svc.work / "stop.token"
+    done = cli("breakglass", "issue", "--host", host.stdout.strip(), "--seconds", "600",
+               "--reason", "CHG-1: upgrade", "--key", str(svc.work / "bg-keys" / "ops.key"),
+               "--grant", "stop", "-o", str(token))
+    assert done.returncode == 0, done.stderr
+    try:
+        svc.sd.systemctl("stop", UNIT)
+        props = svc.sd.wait_show(UNIT, PROPS, lambda p: p.get("ActiveState") == "inactive", 60)
+        assert props["Result"] == "success"
+        assert "authorized stop" in svc.agent_log().lower(), svc.agent_log()[-2000:]
+        spent = [json.loads(line) for line in
+                 (svc.work / "state" / "breakglass.jsonl").read_text().splitlines()]
+        assert [r["event"] for r in spent][-1:] == ["stop"], spent
+    finally:
+        token.unlink()
 
 
 def test_stop_is_clean_and_fails_open(svc: Service) -> None:

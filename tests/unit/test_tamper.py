@@ -102,3 +102,14 @@ def test_the_command_line_can_ask_to_keep_enforcing() -> None:
     assert snap.keeps_enforcing and "--on-agent-exit keep-enforcing" in snap.overrides
     with pytest.raises(MalformedInput, match="--on-agent-exit"):
         apply_overrides(policy(), on_agent_exit="maybe")
+
+
+def test_a_guarded_file_held_open_for_write_is_reported(tmp_path: Path) -> None:
+    from agent.backends.tamper import held_for_write
+
+    key, policy_file = tmp_path / "a.pub", tmp_path / "policy.toml"
+    key.write_text("k")
+    policy_file.write_text("p")
+    with policy_file.open("a"):  # a descriptor taken before protection keeps writing
+        assert held_for_write([str(key), str(policy_file), str(tmp_path)]) == [str(policy_file)]
+    assert held_for_write([str(key), str(policy_file)]) == []
