@@ -66,14 +66,16 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:  # type: ignore[type-arg]
-    """``@pytest.mark.lockdown_modes("integrity", ...)``: the test belongs to those runs
-    only and is deselected (not skipped) in the others: a test whose traces outlive it
-    (pinned BPF programs stay until the VM powers off) runs where nothing follows it."""
+    """``@pytest.mark.lockdown_runs("integrity", "confidentiality-boot")``: the test belongs
+    to those runs (labels as ``run_label``) only and is deselected (not skipped) in the
+    others: to keep the four runs inside the CI budget, and for a test whose traces outlive
+    it (pinned BPF programs stay until the VM powers off), to run where nothing follows."""
     mode = config.getoption("--lockdown-mode")
+    label = mode if config.getoption("--lockdown-origin") == "runtime" else f"{mode}-boot"
     keep, drop = [], []
     for item in items:
-        marker = item.get_closest_marker("lockdown_modes")
-        (drop if marker is not None and mode not in marker.args else keep).append(item)
+        marker = item.get_closest_marker("lockdown_runs")
+        (drop if marker is not None and label not in marker.args else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep

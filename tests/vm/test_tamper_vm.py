@@ -10,13 +10,13 @@ failed, an unsigned binary in scope is still denied, a signed one still runs, an
 token with grant ``stop``, tests/integration/test_authorized_stop.py has the refusals)
 removes every program and pin, and the unsigned binary runs.
 
-It runs under ``integrity`` and ``confidentiality`` (with lockdown off root changes the
-kernel itself). Under ``confidentiality`` (the last mode of each boot, so what it leaves
-behind cannot touch another run) a second agent is killed through a way the LSM cannot refuse
-(``cgroup.kill``): its pinned programs go on enforcing, and a restarted agent reports the
-denials they made alone. The orphan stays until the VM powers off; its policy keeps it to
-its own tmpfs (kept mounted, so its device number is never reused) and it judges neither
-loaders nor unseen filesystems.
+It runs under ``integrity`` (raised at runtime) and ``confidentiality`` (from boot): with
+lockdown off root changes the kernel itself. In the boot-time run (a boot of its own, so
+what it leaves behind cannot touch another run) a second agent is killed through a way
+the LSM cannot refuse (``cgroup.kill``): its pinned programs go on enforcing, and a
+restarted agent reports the denials they made alone. The orphan stays until the VM powers
+off; its policy keeps it to its own tmpfs (kept mounted, so its device number is never
+reused) and it judges neither loaders nor unseen filesystems.
 """
 
 from __future__ import annotations
@@ -42,8 +42,10 @@ from tests.policy_fixtures import Material, copy_signed
 from tests.rearm_fixtures import write_policy
 from tests.record_fixtures import Auditd, auditd_running, wait_in_log
 
-# the lockdown levels that keep root out of the kernel: with none, root loads a module
-pytestmark = [pytest.mark.timeout(900), pytest.mark.lockdown_modes("integrity", "confidentiality")]
+# the lockdown levels that keep root out of the kernel (with none, root loads a module), once
+# each: integrity raised at runtime, confidentiality from boot (the strictest; ~4 min a run)
+pytestmark = [pytest.mark.timeout(900),
+              pytest.mark.lockdown_runs("integrity", "confidentiality-boot")]
 EPERM_RC = 126
 PIN_ROOT = Path("/sys/fs/bpf/execguard")
 
@@ -356,7 +358,7 @@ def test_fmod_ret_pins_outlive_its_agent_but_root_can_remove_them(
         subprocess.run(["umount", "-l", str(scope)], capture_output=True, timeout=10)
 
 
-@pytest.mark.lockdown_modes("confidentiality")  # the last run of each boot: the orphan stays
+@pytest.mark.lockdown_runs("confidentiality-boot")  # a boot of its own: the orphan stays
 def test_enforcement_outlives_an_agent_killed_past_its_guards(
         tmp_path_factory: pytest.TempPathFactory, vm_material: Material) -> None:
     tmp = tmp_path_factory.mktemp("orphan")
