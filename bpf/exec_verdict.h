@@ -129,7 +129,7 @@ struct eg_runtime {
 			       * bpf-lsm's task_free hook sets it): pinned programs outlive
 			       * their agent, and count what they deny alone */
 	__u32 pin_dev;        /* kernel dev of the bpffs holding the pins (self-protection) */
-	__u32 _pad2;
+	__u32 agent_mnt_ns;   /* the inode number of the agent's mount namespace */
 };
 
 #ifndef EG_TICK_NS
@@ -1044,9 +1044,12 @@ static __always_inline int eg_guard_bpf(int cmd, const void *attr)
 }
 
 /* Unmounting the bpffs that holds the pins would drop them. */
+static __always_inline int eg_mount_reaches_agent(const void *path);
+static __always_inline int eg_vfsmount_reaches_agent(const void *mnt);
+
 static __always_inline int eg_guard_umount(const void *mnt)
 {
-	if (!eg_protecting_objects() || !mnt)
+	if (!eg_protecting_objects() || !mnt || !eg_vfsmount_reaches_agent(mnt))
 		return 0;
 	const void *sb = EG_LOAD(const void *, mnt, EG_OFF_VFSMOUNT_SB);
 	int zero = 0;
@@ -1063,10 +1066,10 @@ static __always_inline int eg_guard_umount(const void *mnt)
 
 /* A remount of the bpffs that holds the pins (read-only: the authorized stop could not
  * unpin). */
-static __always_inline int eg_guard_remount(const void *dentry)
+static __always_inline int eg_guard_remount(const void *dentry, const void *path)
 {
 	if (!eg_protecting_objects() || !dentry || !eg_on_pin_fs(dentry, eg_dentry_inode(dentry)) ||
-	    eg_exempt())
+	    !eg_mount_reaches_agent(path) || eg_exempt())
 		return 0;
 	return eg_tamper(EG_TAMPER_UMOUNT, 1, 0, 0);
 }
@@ -1085,9 +1088,34 @@ static __always_inline void eg_note_exit(const void *task)
 }
 
 /* A mount onto a guarded path would hide what the agent reads there. */
-static __always_inline int eg_guard_mount_target(const void *dentry)
+#define EG_MNT_SHARED 0x1000 /* vfsmount.mnt_flags: the mount has peers (propagates) */
+
+/* Could a mount onto ``path`` change what the agent sees? Yes in the agent's own mount
+ * namespace, and from any namespace where the target mount propagates (shared: a peer of
+ * the agent's). A private or slave copy, as systemd makes for a unit's ProtectSystem=, is
+ * the unit's alone: refusing it would stop such units from starting. */
+static __always_inline int eg_vfsmount_reaches_agent(const void *mnt)
 {
-	if (!eg_protecting_objects() || !dentry)
+	if (!mnt || (EG_LOAD(__s32, mnt, EG_OFF_VFSMOUNT_FLAGS) & EG_MNT_SHARED))
+		return 1;
+	const void *nsp = EG_LOAD(const void *, bpf_get_current_task_btf(), EG_OFF_TASK_NSPROXY);
+	const void *mnt_ns = nsp ? EG_LOAD(const void *, nsp, EG_OFF_NSPROXY_MNT_NS) : 0;
+	int zero = 0;
+	struct eg_runtime *rt = runtime.lookup(&zero);
+	return !mnt_ns || !rt || EG_LOAD(__u32, mnt_ns, EG_OFF_MNT_NS_INUM) == rt->agent_mnt_ns;
+}
+
+static __always_inline int eg_mount_reaches_agent(const void *path)
+{
+	return eg_vfsmount_reaches_agent(path ? EG_LOAD(const void *, path, EG_OFF_PATH_MNT) : 0);
+}
+
+static __always_inline int eg_guard_mount_target(const void *dentry, const void *path,
+						 unsigned long mflags)
+{
+	if ((mflags & EG_MS_PROPAGATION) && !(mflags & (EG_MS_BIND | EG_MS_MOVE)))
+		return 0; /* propagation changes no file (systemd makes a unit's / a slave) */
+	if (!eg_protecting_objects() || !dentry || !eg_mount_reaches_agent(path))
 		return 0;
 	const void *inode = eg_dentry_inode(dentry);
 	__u32 g = eg_guard_of(dentry, inode);

@@ -152,6 +152,13 @@ def lsm_offsets(btf: Btf, blob: bytes) -> Dict[str, int]:
     out["EG_OFF_PROG_AUX_ID"] = btf.require("bpf_prog_aux", "id", 4).offset
     out["EG_OFF_VFSMOUNT_SB"] = btf.require("vfsmount", "mnt_sb", 8).offset
     out["EG_OFF_TASK_PID"] = btf.require("task_struct", "pid", 4).offset
+    # whether a mount reaches the agent: its propagation, the caller's mount namespace
+    out["EG_OFF_PATH_MNT"] = btf.require("path", "mnt", 8).offset
+    out["EG_OFF_VFSMOUNT_FLAGS"] = btf.require("vfsmount", "mnt_flags", 4).offset
+    out["EG_OFF_TASK_NSPROXY"] = btf.require("task_struct", "nsproxy", 8).offset
+    out["EG_OFF_NSPROXY_MNT_NS"] = btf.require("nsproxy", "mnt_ns", 8).offset
+    out["EG_OFF_MNT_NS_INUM"] = (btf.require("mnt_namespace", "ns").offset
+                                 + btf.require("ns_common", "inum", 4).offset)
     return out
 
 
@@ -221,6 +228,7 @@ class BpfLsmSensor(BpfSensor):
                 by_id[ctypes.c_uint64(kind << 32 | oid)] = ctypes.c_uint32(IDF_GUARDED | readable)
             cell = self._runtime[ctypes.c_int(0)]
             cell.pin_dev = st_dev_to_kernel_dev(os.stat(pins.directory).st_dev)
+            cell.agent_mnt_ns = os.stat("/proc/self/ns/mnt").st_ino
             self._runtime[ctypes.c_int(0)] = cell
         self._set_protect_flags(CFG_PROTECT | (CFG_BPF_LOAD if bpf_load else 0))
         return {"guarded_inodes": [[dev, ino, flags] for (dev, ino), flags in entries.items()],

@@ -308,6 +308,19 @@ def test_its_state_keys_and_policy_cannot_be_changed(rig: Rig, vm_material: Mate
     above = state.parent.parent
     decoy = Path(tempfile.mkdtemp(prefix="eg-decoy-"))
     failed(run("mount", "--bind", str(decoy), str(above)), "mount over a parent of its state")
+    # from a namespace of its own whose copy propagates back (a shared peer): refused too
+    was = run("findmnt", "-no", "PROPAGATION", "/").stdout.strip()
+    assert run("mount", "--make-shared", "/").returncode == 0  # as on a systemd host
+    try:
+        failed(run("unshare", "-m", "--propagation", "unchanged", "mount", "--bind",
+                   str(decoy), str(above)), "mount over a parent of its state, shared")
+        # a slave copy is the namespace's alone (systemd's ProtectSystem= for a unit)
+        slave = run("unshare", "-m", "--propagation", "slave", "mount", "--bind", str(decoy),
+                    str(above))
+        assert slave.returncode == 0, f"a private namespace's own mount refused: {slave}"
+    finally:
+        if was and was != "shared":
+            run("mount", f"--make-{was.split(',')[0]}", "/")
     with pytest.raises(PermissionError):
         os.rename(above, str(above) + "-moved")
     decoy.rmdir()
