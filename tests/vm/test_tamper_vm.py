@@ -309,8 +309,9 @@ def test_its_state_keys_and_policy_cannot_be_changed(rig: Rig, vm_material: Mate
     decoy = Path(tempfile.mkdtemp(prefix="eg-decoy-"))
     failed(run("mount", "--bind", str(decoy), str(above)), "mount over a parent of its state")
     # from a namespace of its own whose copy propagates back (a shared peer): refused too
-    was = run("findmnt", "-no", "PROPAGATION", "/").stdout.strip()
-    assert run("mount", "--make-shared", "/").returncode == 0  # as on a systemd host
+    where = run("findmnt", "-no", "TARGET", "-T", str(above)).stdout.strip()
+    was = run("findmnt", "-no", "PROPAGATION", where).stdout.strip()
+    assert run("mount", "--make-shared", where).returncode == 0  # as on a systemd host
     try:
         failed(run("unshare", "-m", "--propagation", "unchanged", "mount", "--bind",
                    str(decoy), str(above)), "mount over a parent of its state, shared")
@@ -320,7 +321,7 @@ def test_its_state_keys_and_policy_cannot_be_changed(rig: Rig, vm_material: Mate
         assert slave.returncode == 0, f"a private namespace's own mount refused: {slave}"
     finally:
         if was and was != "shared":
-            run("mount", f"--make-{was.split(',')[0]}", "/")
+            run("mount", f"--make-{was.split(',')[0]}", where)
     with pytest.raises(PermissionError):
         os.rename(above, str(above) + "-moved")
     decoy.rmdir()
