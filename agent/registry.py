@@ -19,9 +19,9 @@ class BackendSpec:
 
 
 BACKENDS: Tuple[BackendSpec, ...] = (
-    BackendSpec("bpf-lsm", ("btf", "lsm", "bpf-lsm"),
+    BackendSpec("bpf-lsm", ("btf", "bpf-programs", "lsm", "bpf-lsm"),
                 "LSM hook on bprm_check_security denies with EPERM"),
-    BackendSpec("fmod-ret", ("btf", "fmod-ret"),
+    BackendSpec("fmod-ret", ("btf", "bpf-programs", "fmod-ret"),
                 "fmod_ret on security_bprm_check denies with EPERM (a tracing program: needs "
                 "no bpf in lsm=)"),
     BackendSpec("fanotify-exec", ("fanotify-exec",),
@@ -29,7 +29,7 @@ BACKENDS: Tuple[BackendSpec, ...] = (
     BackendSpec("fanotify-open", ("fanotify-open",),
                 "FAN_OPEN_PERM: exec cannot be told from read, so plain opens of unsigned Go "
                 "binaries are denied too"),
-    BackendSpec("kill", ("btf", "send-signal"),
+    BackendSpec("kill", ("btf", "bpf-programs", "send-signal"),
                 "sched_process_exec + bpf_send_signal(SIGKILL) after exec, and at mmap(PROT_EXEC)"),
     BackendSpec(AUDIT_ONLY, (), "records would-deny decisions and blocks nothing"),
 )

@@ -23,6 +23,7 @@ from agent.control import ControlError, request
 
 REPO = Path(__file__).resolve().parents[1]
 EXEC_TIMEOUT = 20.0
+TREE = (sys.executable, "-m", "agent")  # the agent of this checkout
 
 
 @contextlib.contextmanager
@@ -76,13 +77,17 @@ class RunningAgent:
 
 @contextlib.contextmanager
 def running_agent(tmp: Path, *args: str, ready_timeout: float = 90.0,
-                  expect_state: Sequence[str] = ("ready",)) -> Iterator[RunningAgent]:
+                  expect_state: Sequence[str] = ("ready",), execguard: Sequence[str] = TREE,
+                  env: Optional[Dict[str, str]] = None) -> Iterator[RunningAgent]:
+    """``execguard run`` (``execguard``: this checkout's by default, or an installed one run
+    from ``tmp`` so that nothing of the checkout is importable)."""
     state, logs, out = tmp / "state", tmp / "log", tmp / "agent.out"
-    cmd = [sys.executable, "-m", "agent", "run", "--state-dir", str(state), "--log-dir",
+    cmd = [*execguard, "run", "--state-dir", str(state), "--log-dir",
            str(logs), "--status-interval", "0", *args]
+    cwd = REPO if tuple(execguard) == TREE else tmp
     with open(out, "wb") as fh:
-        proc = subprocess.Popen(cmd, cwd=str(REPO), stdout=fh, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=str(cwd), stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True, env=env)
     agent = RunningAgent(proc, state, logs, out)
     try:
         deadline = time.monotonic() + ready_timeout

@@ -53,10 +53,11 @@ def cgroup2_root() -> Path:
     raise RuntimeError("no cgroup2 hierarchy is mounted: systemd cannot run here")
 
 
-def write_units(directory: Path, dropin: str) -> None:
-    """The unit as shipped, one drop-in, and empty stand-ins for the targets it needs."""
+def write_units(directory: Path, dropin: str, unit: Path = UNIT) -> None:
+    """The unit (as shipped, or as an install wrote it), one drop-in, and empty stand-ins for
+    the targets it needs."""
     directory.mkdir(parents=True)
-    shutil.copy(UNIT, directory / UNIT.name)
+    shutil.copy(unit, directory / UNIT.name)
     (directory / f"{UNIT.name}.d").mkdir()
     (directory / f"{UNIT.name}.d" / "test.conf").write_text(dropin)
     for name in STUB_TARGETS:
@@ -157,12 +158,13 @@ def _in_pid_ns_of(pid: int, other: int) -> bool:
 
 
 @contextlib.contextmanager
-def booted_systemd(dropin: str, boot_timeout: float = 30.0) -> Iterator[Systemd]:
-    """systemd as PID 1 of fresh namespaces, the execguard unit (plus ``dropin``) in its
-    unit path; killed with everything in it on exit."""
+def booted_systemd(dropin: str, boot_timeout: float = 30.0, unit: Path = UNIT
+                   ) -> Iterator[Systemd]:
+    """systemd as PID 1 of fresh namespaces, the execguard unit ``unit`` (plus ``dropin``) in
+    its unit path; killed with everything in it on exit."""
     work = Path(tempfile.mkdtemp(prefix="eg-systemd-"))
     units, empty, console = work / "units", work / "empty", work / "manager.log"
-    write_units(units, dropin)
+    write_units(units, dropin, unit)
     empty.mkdir()
     console.touch()
     boot = work / "boot.sh"

@@ -52,7 +52,7 @@ class _FanotifyFeeder(FanotifyRunner):
     # Ignore marks stay (without them every exec in scope waits for this Python loop: +50 %
     # per exec in the VM bench). An ignore mark outlives what no fanotify event removes
     # (chmod, chown, utimes, rename, link), so the kernel keeps its verdict through those
-    # (EG_VF_ATTR, EG_VF_MOVED in bpf/exec_verdict.h): bprm_check still finds it.
+    # (EG_VF_ATTR, EG_VF_MOVED in exec_verdict.h): bprm_check still finds it.
 
     def __init__(self, lsm: LsmRunner) -> None:
         super().__init__("fanotify-exec", lsm.decider, lsm.record)

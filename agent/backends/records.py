@@ -283,7 +283,7 @@ class KernelRecords:
             policy_version=snapshot.version, extra={"op": "exec"}))
 
     def _record_tamper(self, rec: Any) -> None:
-        """Self-protection refused an attempt on the agent (bpf/exec_verdict.h EG_TAMPER_*)."""
+        """Self-protection refused an attempt on the agent (exec_verdict.h EG_TAMPER_*)."""
         from agent.backends.tamper import describe_attempt
 
         self._n["tamper_refused"] = self._n.get("tamper_refused", 0) + 1

@@ -1,7 +1,7 @@
 """The file a kill or audit-only script record names, opened as the caller saw it.
 
 At ``sched_process_exec`` the kernel has the interpreter, not the script, whose file is
-closed by then; the record carries the name the caller gave execve (bpf/exec_sensor.c,
+closed by then; the record carries the name the caller gave execve (exec_sensor.c,
 EG_MSG_SCRIPT). That name is resolved here in the caller's own view. What it cannot give:
 a file renamed, removed or swapped at that name before the agent looks (the record's
 identity says which file was judged), a name cut at the record's 255 bytes, and a working
@@ -20,7 +20,7 @@ from typing import List, Optional, Tuple
 
 from agent.decision import ExecEvent
 
-PATH_CUT = 255  # bytes of a record's path before its NUL (bpf/events.h EG_PATH_LEN - 1)
+PATH_CUT = 255  # bytes of a record's path before its NUL (events.h EG_PATH_LEN - 1)
 # A descriptor named through the caller's own /proc view (execveat(fd, "", AT_EMPTY_PATH)
 # gives "/dev/fd/N"): "self" would be the agent, so these go to /proc/PID/fd/N.
 _OWN_FD = re.compile(r"^/(?:dev/fd|proc/self/fd|proc/thread-self/fd)/(\d+)$")

@@ -1,4 +1,4 @@
-"""kill and audit-only on the BCC kill sensor (bpf/exec_sensor.c)."""
+"""kill and audit-only on the BCC kill sensor (exec_sensor.c)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@
 ``keep-enforcing`` in enforce mode: the program's links are pinned (agent/sensors/bpf/pins.py)
 so enforcement outlives the agent (bpf-lsm, fmod-ret), and on bpf-lsm the LSM refuses
 everyone but the agent its process, its BPF objects, its pins and the files it lives on
-(bpf/exec_verdict.h EG_PROTECT); a task_free hook tells the pinned programs the agent died,
+(exec_verdict.h EG_PROTECT); a task_free hook tells the pinned programs the agent died,
 and they count what they deny alone. Only ``release`` (an authorized stop) or a switch to
 ``fail-open`` or monitor mode undoes it.
 """
@@ -202,7 +202,7 @@ class SelfProtection:
                 "orphans": list(self.orphans), "error": self.error}
 
 
-# EG_TAMPER_* kinds (bpf/exec_verdict.h) -> the attempt's name in records
+# EG_TAMPER_* kinds (exec_verdict.h) -> the attempt's name in records
 ATTEMPTS = {1: "signal", 2: "ptrace", 3: "task", 4: "bpf-id", 5: "bpf-fd", 6: "bpf-load",
             7: "pin", 8: "file", 9: "umount", 10: "mount"}
 _OPS = {1: "open", 2: "write", 3: "unlink", 4: "rename", 5: "create", 6: "setattr",

@@ -28,7 +28,7 @@ from agent.scope.mountinfo import Mount, fs_relative, holder, join, overlay_laye
 
 
 class FsClass(IntEnum):
-    """The kernel's ``EG_SB_*`` values (bpf/exec_verdict.h)."""
+    """The kernel's ``EG_SB_*`` values (exec_verdict.h)."""
 
     OUT = 1
     IN = 2

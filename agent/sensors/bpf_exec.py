@@ -1,7 +1,7 @@
-"""The kill backend's sensor (bpf/exec_sensor.c): SIGKILL before a denied program or
+"""The kill backend's sensor (exec_sensor.c): SIGKILL before a denied program or
 PROT_EXEC mapping runs, on hosts that allow only tracepoints and ``bpf_send_signal``.
 
-It places and judges files with bpf/exec_verdict.h, like the BPF LSM backends (same maps,
+It places and judges files with exec_verdict.h, like the BPF LSM backends (same maps,
 same scope semantics: ``KernelScope`` writes them), reading kernel fields with
 ``bpf_probe_read_kernel`` at offsets from this kernel's BTF. Every BCC failure becomes
 ``SensorUnavailable``.
@@ -40,7 +40,7 @@ __all__ = ["BACKEND", "BPF_DIR", "BpfExecSensor", "SensorConfig", "SensorStats",
 
 BACKEND = "kill"
 SOURCE = "exec_sensor.c"
-# kill_stats[] of bpf/exec_sensor.c (EG_KILL_STAT_*), in index order
+# kill_stats[] of exec_sensor.c (EG_KILL_STAT_*), in index order
 KILL_STAT_NAMES = ("kills", "kill_failed", "read_errors", "mmap_calls", "shm_exec")
 TRACEFS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 MAPPING_TRACEPOINTS = ("sys_enter_mmap", "sys_enter_shmat")
@@ -69,7 +69,7 @@ class SensorStats:
 
 
 def kill_offsets(btf: Btf, blob: bytes) -> Dict[str, int]:
-    """The ``EG_*`` macros bpf/exec_sensor.c needs: bpf/exec_verdict.h's, plus the exec's
+    """The ``EG_*`` macros exec_sensor.c needs: exec_verdict.h's, plus the exec's
     name, the descriptor table (the file behind an mmap's fd) and dentry names (a mapping's
     path for its record)."""
     out = verdict_offsets(btf, blob, "security_inode_setattr")  # the header parses its hooks

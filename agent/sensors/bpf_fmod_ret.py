@@ -1,9 +1,9 @@
-"""The fmod_ret backend (bpf/exec_fmod_ret.c): EPERM from ``security_bprm_check`` where BPF
+"""The fmod_ret backend (exec_fmod_ret.c): EPERM from ``security_bprm_check`` where BPF
 LSM is not active.
 
 A ``BPF_MODIFY_RETURN`` program is a tracing program: it needs BTF and BPF trampolines, but
 no ``bpf`` in ``lsm=``. It shares the verdict map, the decision and the ring records of the
-BPF LSM backend (bpf/exec_verdict.h), so ``BpfFmodRetSensor`` is ``BpfLsmSensor`` with
+BPF LSM backend (exec_verdict.h), so ``BpfFmodRetSensor`` is ``BpfLsmSensor`` with
 another program: fentry invalidation hooks on the ``security_*`` functions, and the exec's
 path taken at its FMODE_EXEC open (``bpf_d_path`` is not allowed in security_bprm_check).
 """
@@ -26,7 +26,7 @@ HOOKS = tuple(b"kmod_ret__security_" + name for name in (
 
 
 def fmod_ret_offsets(btf: Btf, blob: bytes) -> Dict[str, int]:
-    """The ``EG_*`` macros bpf/exec_fmod_ret.c needs: its setattr hook is the kernel's own
+    """The ``EG_*`` macros exec_fmod_ret.c needs: its setattr hook is the kernel's own
     ``security_inode_setattr`` (2 parameters on 6.1, 3 once an idmap came first)."""
     return verdict_offsets(btf, blob, "security_inode_setattr")
 

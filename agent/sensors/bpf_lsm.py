@@ -1,4 +1,4 @@
-"""The BPF LSM backend (bpf/exec_lsm.c): the kernel denies an untrusted exec with EPERM.
+"""The BPF LSM backend (exec_lsm.c): the kernel denies an untrusted exec with EPERM.
 
 ``bprm_check_security`` reads the verdict map that user space fills; it never waits for
 Python (ARCHITECTURE.md decision 3). Only files on devices in scope are ever denied. The
@@ -47,7 +47,7 @@ SOURCE = "exec_lsm.c"
 F_EPERM = 0x08  # eg_exec_event.flags: the hook returned -EPERM
 STAT_NAMES = VERDICT_STAT_NAMES  # EG_LSM_STAT_*
 _KIND_FUNC, _KIND_FUNC_PROTO = 12, 13
-IDF_GUARDED, IDF_READABLE = 1, 2  # EG_IDF_* in bpf/exec_verdict.h
+IDF_GUARDED, IDF_READABLE = 1, 2  # EG_IDF_* in exec_verdict.h
 DEFAULT_CONFIG = SensorConfig(ringbuf_pages=256)  # 1 MiB: ~3,100 records of backlog
 
 
@@ -106,7 +106,7 @@ def func_params(blob: bytes, name: str) -> Optional[int]:
 
 
 def verdict_offsets(btf: Btf, blob: bytes, setattr_func: str) -> Dict[str, int]:
-    """The ``EG_*`` macros bpf/exec_verdict.h needs, from this kernel's BTF; the setattr hook
+    """The ``EG_*`` macros exec_verdict.h needs, from this kernel's BTF; the setattr hook
     (``setattr_func``, whose parameter count changed across kernels) is counted in BTF."""
     out = exec_sensor_offsets(btf)
     out.pop("EG_OFF_BPRM_FILENAME", None)  # the path comes from bpf_d_path instead
@@ -144,7 +144,7 @@ def verdict_offsets(btf: Btf, blob: bytes, setattr_func: str) -> Dict[str, int]:
 
 
 def lsm_offsets(btf: Btf, blob: bytes) -> Dict[str, int]:
-    """The ``EG_*`` macros bpf/exec_lsm.c needs (its setattr hook gained an idmap in 6.8),
+    """The ``EG_*`` macros exec_lsm.c needs (its setattr hook gained an idmap in 6.8),
     with those of its self-protection hooks: the ids of BPF objects, a mount's filesystem."""
     out = verdict_offsets(btf, blob, "bpf_lsm_inode_setattr")
     out["EG_OFF_MAP_ID"] = btf.require("bpf_map", "id", 4).offset
@@ -170,7 +170,7 @@ def build_cflags(config: SensorConfig, btf_path: str = VMLINUX_BTF,
 
 
 def program_text(source: str) -> str:
-    """``bpf/<source>`` with bpf/exec_verdict.h pasted in place of its ``#include``
+    """``programs/<source>`` with exec_verdict.h pasted in place of its ``#include``
     (agent/sensors/bpf/build.py says why)."""
     return _program_text(source, BACKEND)
 
@@ -199,7 +199,7 @@ class BpfLsmSensor(BpfSensor):
     def _wrap(self, raw: bytes, rec: ExecRecord) -> LsmRecord:
         return LsmRecord(rec, bool(raw[3] & F_EPERM))
 
-    # -- self-protection (bpf/exec_verdict.h EG_PROTECT) ------------------------------------
+    # -- self-protection (exec_verdict.h EG_PROTECT) ------------------------------------
 
     def protect(self, pins: PinSet, guarded: Iterable[Tuple[int, int, int]],
                 bpf_load: bool = True) -> Dict[str, Any]:

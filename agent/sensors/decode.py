@@ -1,4 +1,4 @@
-"""Ring-buffer records (bpf/events.h) to typed, frozen objects. Pure: bytes in, objects out.
+"""Ring-buffer records (events.h) to typed, frozen objects. Pure: bytes in, objects out.
 
 The first byte of every record is its opcode (``enum eg_msg_op``); a table maps it to a
 decoder. A short record or an unknown opcode is counted and skipped, never raised: the

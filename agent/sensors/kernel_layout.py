@@ -157,7 +157,7 @@ class Btf:
 
 
 def exec_sensor_offsets(btf: Btf) -> Dict[str, int]:
-    """The ``EG_OFF_*`` / ``EG_SZ_*`` macros bpf/exec_sensor.c needs, from this kernel's BTF."""
+    """The ``EG_OFF_*`` / ``EG_SZ_*`` macros exec_sensor.c needs, from this kernel's BTF."""
     need = {
         "EG_OFF_BPRM_FILE": btf.require("linux_binprm", "file", 8),
         "EG_OFF_BPRM_FILENAME": btf.require("linux_binprm", "filename", 8),

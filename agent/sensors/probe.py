@@ -284,6 +284,24 @@ def probe_btf() -> ProbeResult:
     return ProbeResult("btf", True, f"{BTF_VMLINUX} present ({size} bytes)")
 
 
+# What every BCC backend compiles at start (agent/sensors/bpf/programs, package data): an
+# install that lost them must not report a backend that cannot load.
+BPF_PROGRAMS = ("events.h", "exec_verdict.h", "exec_lsm.c", "exec_fmod_ret.c", "exec_sensor.c")
+
+
+@_guarded("bpf-programs")
+def probe_bpf_programs() -> ProbeResult:
+    from agent.sensors.bpf.build import BPF_DIR  # lazy: build imports kernel_layout
+
+    missing = [n for n in BPF_PROGRAMS if not os.access(os.path.join(BPF_DIR, n), os.R_OK)]
+    if missing:
+        return ProbeResult("bpf-programs", False,
+                           f"{BPF_DIR}: missing or unreadable: {', '.join(missing)}",
+                           "reinstall execguard: the BPF sources are package data "
+                           "(agent/sensors/bpf/programs) that BCC compiles at start")
+    return ProbeResult("bpf-programs", True, f"{len(BPF_PROGRAMS)} sources in {BPF_DIR}")
+
+
 def _fanotify(name: str, mask: int, label: str) -> ProbeResult:
     if not is_root():
         return ProbeResult(name, False, "needs root (CAP_SYS_ADMIN)", NEEDS_ROOT_HINT)
@@ -367,7 +385,8 @@ def _run_all(compile: bool, timeout: float | None) -> Dict[str, ProbeResult]:
     from agent.sensors import bcc_probe  # lazy: bcc_probe imports ProbeResult from here
 
     out: Dict[str, ProbeResult] = {}
-    for p in (probe_kernel, probe_root, probe_securityfs, probe_lockdown, probe_lsm, probe_btf):
+    for p in (probe_kernel, probe_root, probe_securityfs, probe_lockdown, probe_lsm, probe_btf,
+              probe_bpf_programs):
         r = p()
         out[r.name] = r
     tracefs = probe_tracefs()  # before the child: tracepoint attach reads ids from tracefs

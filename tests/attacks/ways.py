@@ -689,7 +689,7 @@ NOT_MEASURED = RUNS("not measured yet")
 
 def row(fanotify: Expect, kill: Expect, lsm: Expect = NOT_MEASURED,
         fmod: Optional[Expect] = None) -> Dict[str, Expect]:
-    """One way's outcomes; fmod-ret shares bpf-lsm's verdict logic (bpf/exec_verdict.h), so
+    """One way's outcomes; fmod-ret shares bpf-lsm's verdict logic (exec_verdict.h), so
     it defaults to the same expectation."""
     return {"fanotify-exec": fanotify, "kill": kill, "bpf-lsm": lsm,
             "fmod-ret": fmod if fmod is not None else lsm}
@@ -842,7 +842,7 @@ EXPECTED: Dict[str, Dict[str, Expect]] = {
 }
 
 
-# The BPF backends (bpf-lsm, fmod-ret: bpf/exec_verdict.h), measured in the test VM under
+# The BPF backends (bpf-lsm, fmod-ret: exec_verdict.h), measured in the test VM under
 # every lockdown mode (tests/vm/test_attacks_vm.py). One column: they share the verdict
 # logic; a way missing here is an error, not a default.
 _BPF_SCRIPT = RUNS("/bin/sh (outside the scope) reads the script as data: no exec and no "

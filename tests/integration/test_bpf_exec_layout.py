@@ -1,6 +1,6 @@
 """Kernel and user space agree on the record layout (aesthetics §7 item 10).
 
-BCC compiles bpf/events.h and hands back ctypes types built from clang's own layout of the
+BCC compiles events.h and hands back ctypes types built from clang's own layout of the
 structs; the Python decoder's offsets must equal them. The identity self-test is the second
 line of defence at run time.
 """

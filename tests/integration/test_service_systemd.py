@@ -4,10 +4,11 @@ it is booted in namespaces: this host's PID 1 is not systemd).
 One boot for the module; the tests run in order on it: the unit starts and becomes active
 only on READY=1, the watchdog is pinged, the agent enforces in a tmpfs the test owns, a
 stopped agent and an agent whose decisions are wedged are both restarted by systemd, the BCC
-backend loads under the unit's hardening, and a stop is clean. The unit is the shipped file;
-the drop-in changes only what a test must: where the agent is (this checkout's venv), its
-options (a scoped enforce policy), WatchdogSec (6 s, to keep the test short) and where its
-output goes (there is no journal in the namespace).
+backend loads under the unit's hardening, and a stop is clean. The agent and the unit are
+what `make install` put in a temporary root (tests/install_fixtures.py): its venv, its unit
+file and its options file, which the tests fill with a scoped enforce policy. The drop-in
+changes only what a test must: where the stop token is, WatchdogSec (6 s, to keep the test
+short) and where the output goes (there is no journal in the namespace).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,13 +29,12 @@ import pytest
 
 from agent.control import ControlError, request
 from tests.agent_fixtures import cli, keygen, scoped_tmpfs
+from tests.install_fixtures import Installed
 from tests.service_fixtures import Systemd, booted_systemd, freeze_thread
 
 pytestmark = [pytest.mark.timeout(240)]
 
 UNIT = "execguard.service"
-UNIT_FILE = Path(__file__).resolve().parents[2] / "packaging" / UNIT
-VENV_EXECGUARD = Path(sys.executable).parent / "execguard"
 WATCHDOG_S = 6
 # the unit's CapabilityBoundingSet, by capability number (linux/capability.h)
 CAPS = {"CAP_DAC_READ_SEARCH": 2, "CAP_KILL": 5, "CAP_SYS_PTRACE": 19, "CAP_SYS_ADMIN": 21,
@@ -51,6 +50,7 @@ class Service:
     private_key: Path
     public_key: Path
     options: Path
+    installed: Installed
 
     @property
     def socket(self) -> str:
@@ -128,7 +128,8 @@ def _host_tid(host_pid: int, ns_tid: int) -> int:
 
 
 @pytest.fixture(scope="module", name="svc")
-def svc_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+def svc_fixture(tmp_path_factory: pytest.TempPathFactory, installed: Installed
+                ) -> Iterator[Service]:
     work = tmp_path_factory.mktemp("service")
     (work / "state").mkdir()
     (work / "log").mkdir()
@@ -144,25 +145,24 @@ def svc_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
             f'scopes = ["{scope}"]\nfallthrough = "deny"\non_timeout = "deny"\n'
             f'[trust]\nkeys = ["{pub}"]\n'
             '[[rules]]\nid = "signed"\naction = "require-signature"\n')
-        options = work / "execguard.default"
+        # the installed unit, as `make install` wrote it: its ExecStart, ExecStop and
+        # EnvironmentFile name the installed venv and options file; the test changes only
+        # the stop token's place, the watchdog period and where the output goes
+        options = installed.defaults
         (work / "bg-keys").mkdir()
         keygen(work / "bg-keys" / "ops")
-        # the shipped ExecStop with this checkout's execguard and the test's token path
-        stop_line = next(line for line in UNIT_FILE.read_text().splitlines()
+        stop_line = next(line for line in installed.unit.read_text().splitlines()
                          if line.startswith("ExecStop="))
-        stop_line = stop_line.replace("/opt/execguard/bin/execguard", str(VENV_EXECGUARD)) \
-            .replace("/run/execguard/stop.token", str(work / "stop.token"))
+        assert str(installed.execguard) in stop_line, stop_line
+        stop_line = stop_line.replace("/run/execguard/stop.token", str(work / "stop.token"))
         dropin = (
-            "[Service]\nExecStart=\n"
-            f"ExecStart={VENV_EXECGUARD} run $EXECGUARD_OPTS\n"
-            f"ExecStop=\n{stop_line}\n"
-            f"EnvironmentFile=\nEnvironmentFile={options}\n"
+            f"[Service]\nExecStop=\n{stop_line}\n"
             f"WatchdogSec={WATCHDOG_S}s\n"
             f"StandardOutput=append:{work / 'agent.log'}\n"
             f"StandardError=append:{work / 'agent.log'}\n")
         write_options(options, work, "fanotify-exec")
-        with booted_systemd(dropin) as sd:
-            service = Service(sd, work, scope, priv, pub, options)
+        with booted_systemd(dropin, unit=installed.unit) as sd:
+            service = Service(sd, work, scope, priv, pub, options, installed)
             try:
                 yield service
             finally:
@@ -307,7 +307,7 @@ def test_a_stop_token_makes_systemctl_stop_an_authorized_stop(svc: Service) -> N
     `execguard stop`: the only stop a keep-enforcing bpf-lsm agent accepts. Shown on
     fanotify, where SIGTERM would also work: the record says which stop it was."""
     _restart_with(svc, "fanotify-exec")
-    host = svc.sd.nsenter(str(VENV_EXECGUARD), "breakglass", "host-id", pid_ns=True)
+    host = svc.sd.nsenter(str(svc.installed.execguard), "breakglass", "host-id", pid_ns=True)
     token = svc.work / "stop.token"
     done = cli("breakglass", "issue", "--host", host.stdout.strip(), "--seconds", "600",
                "--reason", "CHG-1: upgrade", "--key", str(svc.work / "bg-keys" / "ops.key"),

@@ -75,6 +75,11 @@ def test_make_install_and_uninstall_into_a_destdir(tmp_path: Path) -> None:
                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout.startswith(str(venv)), "the installed copy, not this checkout"
+    # with the BPF programs its BCC backends compile at start (package data)
+    programs = Path(ran.stdout.strip()).parents[1] / "sensors" / "bpf" / "programs"
+    assert sorted(p.name for p in programs.iterdir()) == [
+        "README.md", "events.h", "exec_fmod_ret.c", "exec_lsm.c", "exec_sensor.c",
+        "exec_verdict.h"]
     # the installed unit verifies clean against what was installed
     staged = tmp_path / "verify" / unit.name
     staged.parent.mkdir()

@@ -1,4 +1,4 @@
-"""The BPF program text the sensors compile (agent/sensors/bpf/build.py): bpf/exec_verdict.h
+"""The BPF program text the sensors compile (agent/sensors/bpf/build.py): exec_verdict.h
 is pasted in place of its ``#include``, and the kill program gets the same header with its
 kernel reads turned into probe reads. A change to the header's ``EG_LOAD`` line must stop
 the kill sensor loudly, never compile it into direct loads a tracepoint cannot make."""

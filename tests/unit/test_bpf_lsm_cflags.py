@@ -141,7 +141,7 @@ def test_bcc_leaves_no_probe_read_in_the_program(source: str, hook: str,
                                                  offsets_fn: OffsetsFn) -> None:
     """What LLVM gets from BCC calls no bpf_probe_read* helper (decision 2): every kernel
     read is a BTF direct load, so the program loads under lockdown=confidentiality. Checked
-    on the IR, where code from bpf/exec_verdict.h is inlined (BCC's preprocessor dump shows
+    on the IR, where code from exec_verdict.h is inlined (BCC's preprocessor dump shows
     the main file only). The exec sensor, which does use probe reads, is the control."""
     ir, failure = compiled_ir(source, build_cflags(DEFAULT_CONFIG, offsets_fn=offsets_fn))
     assert f"@{hook}(" in ir and "error:" not in ir, ir[-2000:]

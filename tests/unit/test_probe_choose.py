@@ -53,7 +53,7 @@ def test_every_combination_picks_the_first_available(bits: tuple[bool, ...]) -> 
 
 
 def test_reasons_say_why_each_backend_was_skipped() -> None:
-    probes = host({"btf", "lsm", "fanotify-exec", "fanotify-open", "send-signal"})
+    probes = host({"btf", "bpf-programs", "lsm", "fanotify-exec", "fanotify-open", "send-signal"})
     probes["bpf-lsm"] = ProbeResult("bpf-lsm", False, "load failed: EPERM", "hint")
     probes["fmod-ret"] = ProbeResult("fmod-ret", False, "load failed: EPERM", None)
     choice = choose_backend(probes)
@@ -68,7 +68,7 @@ def test_reasons_say_why_each_backend_was_skipped() -> None:
 
 
 def test_bpf_lsm_needs_bpf_in_the_lsm_list_even_if_the_program_attached() -> None:
-    probes = host({"btf", "bpf-lsm", "fmod-ret"})
+    probes = host({"btf", "bpf-programs", "bpf-lsm", "fmod-ret"})
     probes["lsm"] = ProbeResult("lsm", False, "bpf is NOT active", "lsm=...,bpf")
     choice = choose_backend(probes)
     assert choice.backend == "fmod-ret"
@@ -84,7 +84,7 @@ def test_missing_probes_count_as_not_probed() -> None:
 
 
 def test_no_compile_style_results_fall_through_to_fanotify() -> None:
-    probes = host({"btf", "lsm", "fanotify-exec", "fanotify-open"})
+    probes = host({"btf", "bpf-programs", "lsm", "fanotify-exec", "fanotify-open"})
     for n in ("bpf-lsm", "fmod-ret", "send-signal"):
         probes[n] = ProbeResult(n, False, "not probed (--no-compile)", None)
     assert choose_backend(probes).backend == "fanotify-exec"
@@ -121,7 +121,7 @@ def test_unknown_backend_is_a_value_error() -> None:
 
 
 def test_choose_backend_does_not_mutate_its_input() -> None:
-    probes = host({"btf"})
+    probes = host({"btf", "bpf-programs"})
     before = dict(probes)
     choose_backend(probes, None)
     assert probes == before

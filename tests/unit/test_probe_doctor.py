@@ -20,7 +20,8 @@ def args(**kw: object) -> argparse.Namespace:
 
 
 def fake_probes(*ok: str) -> Dict[str, ProbeResult]:
-    names = ("kernel", "btf", "lsm", "bpf-lsm", "fmod-ret", "fanotify-exec", "fanotify-open")
+    names = ("kernel", "btf", "bpf-programs", "lsm", "bpf-lsm", "fmod-ret", "fanotify-exec",
+             "fanotify-open")
     return {n: ProbeResult(n, n in ok, "yes" if n in ok else "no", None) for n in names}
 
 
@@ -66,7 +67,7 @@ def test_internal_error_exits_2(
 def test_hints_show_only_for_failures(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    probes = fake_probes("bpf-lsm", "btf", "lsm")
+    probes = fake_probes("bpf-lsm", "btf", "bpf-programs", "lsm")
     probes["fmod-ret"] = ProbeResult("fmod-ret", False, "load failed: EPERM", "try fanotify")
     probes["kernel"] = ProbeResult("kernel", True, "6.18", "never shown")
     monkeypatch.setattr(probe, "run_probes", lambda compile, timeout=None: probes)

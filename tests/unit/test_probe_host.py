@@ -132,3 +132,30 @@ def test_auditd_status_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(subprocess, "run", fake_run)
     res = probe.probe_auditd()
     assert res.ok and res.detail == "running (pid 4242, enabled 1)"
+
+
+def test_the_bpf_programs_the_backends_compile_are_found_in_the_package() -> None:
+    res = probe.probe_bpf_programs()
+    assert res.ok, res
+    assert res.detail.endswith(os.path.join("agent", "sensors", "bpf", "programs"))
+
+
+def test_an_install_without_the_bpf_programs_says_which_are_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agent.sensors.bpf import build
+
+    (tmp_path / "events.h").write_text("/* only this one */\n")
+    monkeypatch.setattr(build, "BPF_DIR", str(tmp_path))
+    res = probe.probe_bpf_programs()
+    assert not res.ok
+    assert res.detail == (f"{tmp_path}: missing or unreadable: exec_verdict.h, exec_lsm.c, "
+                          "exec_fmod_ret.c, exec_sensor.c")
+    assert res.hint is not None and "reinstall" in res.hint
+    # and no BCC backend is offered on such a host: they all need these sources
+    choice = probe.choose_backend({**{n: ProbeResult(n, True, "yes") for n in
+                                      ("btf", "lsm", "bpf-lsm", "fmod-ret", "send-signal")},
+                                   "bpf-programs": res}, None)
+    assert choice.backend == "audit-only"
+    why = {r.backend: r.why for r in choice.reasons}
+    assert "bpf-programs" in why["bpf-lsm"] and "bpf-programs" in why["kill"]

@@ -63,7 +63,8 @@ def prebuild(out: Path) -> Dict[str, str]:
     """Host side (scripts/vm-run.sh): build the policy test material into ``out``.
 
     The same Go programs and OpenSSL P-256 keys as tests/policy_fixtures.py, so a VM test can
-    use exactly what the host integration tests use.
+    use exactly what the host integration tests use; and the agent as ``make install`` puts it
+    (the guest sees the host's root file system, so the venv runs there unchanged).
     """
     from tests.policy_fixtures import _build  # the host tests' own builder
 
@@ -87,6 +88,12 @@ def prebuild(out: Path) -> Dict[str, str]:
     from tests.attacks.harness import build_all  # the attack suite's programs (gcc, go)
 
     files.update({f"attack:{n}": str(p) for n, p in build_all(out / "attacks").items()})
+    from tests.install_fixtures import install  # `make install`'s script, into out/installed
+
+    installed = out / "installed"
+    if installed.exists():
+        subprocess.run(["rm", "-rf", str(installed)], check=True)
+    files["installed:root"] = str(install(installed).root)
     (out / MANIFEST).write_text(json.dumps(files, indent=1, sort_keys=True) + "\n")
     return files
 

@@ -1,6 +1,6 @@
 """The agent's own view of each lockdown mode: doctor's report and the BCC exec sensor.
 
-The exec sensor (bpf/exec_sensor.c) is a raw tracepoint that reads task and inode fields
+The exec sensor (exec_sensor.c) is a raw tracepoint that reads task and inode fields
 at BTF offsets with ``bpf_probe_read_kernel``: it loads and passes its self-test under
 ``none`` and ``integrity``; under ``confidentiality`` the verifier refuses it, so the kill
 backend is not available there (the BPF LSM backend, which uses BTF direct loads, is).

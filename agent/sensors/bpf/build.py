@@ -4,7 +4,7 @@ text, and BCC's failures turned into ``SensorUnavailable`` with the compiler's o
 
 BCC rewrites map calls (``verdicts.lookup(&key)``) in the main file only; in an included
 header they would stay calls through a function pointer, which the kernel refuses. So a
-program that shares ``bpf/exec_verdict.h`` gets it pasted in place of its ``#include`` line
+program that shares ``exec_verdict.h`` gets it pasted in place of its ``#include`` line
 (``program_text``): one file in the tree, part of the main text for BCC.
 """
 
@@ -20,8 +20,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 from agent.sensors.errors import SensorUnavailable
 from agent.sensors.kernel_layout import VMLINUX_BTF, Btf, LayoutError
 
-BPF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))), "bpf")
+# package data (pyproject.toml): an installed agent compiles the same text the tests load
+BPF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "programs")
 SHARED = "exec_verdict.h"
 SHARED_INCLUDE = f'#include "{SHARED}"'
 LOCKDOWN = "/sys/kernel/security/lockdown"
@@ -84,7 +84,7 @@ def build_cflags(config: SensorConfig, backend: str, offsets_fn: OffsetsFn,
 
 
 def program_text(source: str, backend: str, load: str = LOAD_DIRECT) -> str:
-    """``bpf/<source>`` with bpf/exec_verdict.h pasted in place of its ``#include`` (a source
+    """``programs/<source>`` with exec_verdict.h pasted in place of its ``#include`` (a source
     without that line is returned as it is). ``load``: the header's ``EG_LOAD`` definition
     for this program (LOAD_PROBE_READ for tracepoint programs)."""
     path = os.path.join(BPF_DIR, source)

@@ -6,7 +6,7 @@ or a pin in bpffs. With ``keep-enforcing`` the links are pinned under
 self-protection cannot refuse: the OOM killer, cgroup.kill, a crash) the programs go on
 judging from the verdict map they hold. Only the agent removes its pins (``PinSet.remove``,
 on an authorized stop); a reboot empties bpffs. The pins, the ids of every map, program and
-link, and the pin directory are what the self-protection hooks guard (bpf/exec_verdict.h,
+link, and the pin directory are what the self-protection hooks guard (exec_verdict.h,
 EG_PROTECT).
 
 Raw ``bpf(2)`` through ctypes: BCC has no call for an object's id, and its pin helper is
@@ -30,7 +30,7 @@ BPF_FS_MAGIC = 0xCAFE4A11
 _NR_BPF = 321  # x86_64
 _BPF_MAP_LOOKUP_ELEM, _BPF_OBJ_PIN, _BPF_OBJ_GET, _BPF_OBJ_GET_INFO_BY_FD = 1, 6, 7, 15
 _BPF_F_RDONLY = 1 << 3
-# EG_GUARD_* in bpf/exec_verdict.h
+# EG_GUARD_* in exec_verdict.h
 GUARD_DIR, GUARD_PIN, GUARD_FILE, GUARD_RO, GUARD_ABOVE = 1, 2, 4, 8, 16
 STATS_PIN = "map_stats"
 # bpffs refuses names with a dot (it keeps them for itself): underscores separate

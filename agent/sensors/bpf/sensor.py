@@ -1,6 +1,6 @@
 """One base for the BCC sensors (kill, bpf-lsm, fmod-ret): load, ring, maps, scope, mode.
 
-Every program shares bpf/exec_verdict.h's maps: the verdict map, the filesystem classes and
+Every program shares exec_verdict.h's maps: the verdict map, the filesystem classes and
 scope directories (``KernelScope`` writes them, agent/backends/kernel_scope.py), the dynamic
 loaders, the exempt agent, the run-time state and the knobs. A subclass names its program
 (``source``), how its fields are read (``load``), the offsets it needs (``offsets_fn``), how
@@ -45,8 +45,8 @@ from agent.sensors.errors import SensorMapError, SensorUnavailable
 
 BPF_NOEXIST = 1  # <linux/bpf.h>: create a map entry only if it does not exist
 S = TypeVar("S", bound="BpfSensor")
-VERDICT_ALLOW, VERDICT_DENY = 1, 2  # EG_VERDICT_* in bpf/events.h
-# EG_LSM_CFG_* in bpf/exec_verdict.h (the kill backend's EG_CFG_KILL is the same bit as
+VERDICT_ALLOW, VERDICT_DENY = 1, 2  # EG_VERDICT_* in events.h
+# EG_LSM_CFG_* in exec_verdict.h (the kill backend's EG_CFG_KILL is the same bit as
 # ENFORCE: "act on a denial", by EPERM or by SIGKILL)
 CFG_ENFORCE, CFG_DENY_UNKNOWN, CFG_LOADER, CFG_MAPS = 0x01, 0x02, 0x04, 0x08
 CFG_PATHS, CFG_MOUNTS, CFG_PTRACE, CFG_UNSEEN_OUT = 0x10, 0x20, 0x40, 0x80
@@ -55,7 +55,7 @@ CFG_PROTECT, CFG_BPF_LOAD = 0x200, 0x400  # self-protection (bpf-lsm only)
 SB_IN = 2  # EG_SB_IN (agent.scope.FsClass.IN)
 SB_CLASS_MASK = 0xFF
 SB_DYNAMIC = 0x100  # EG_SB_DYNAMIC: the filesystem appeared after the agent started
-# stats[] of bpf/exec_verdict.h (EG_LSM_STAT_*), in index order
+# stats[] of exec_verdict.h (EG_LSM_STAT_*), in index order
 VERDICT_STAT_NAMES = ("execs", "drops", "denied", "invalidated", "in_scope", "maps",
                       "maps_denied", "loader_denied", "mounts_refused", "ptrace_refused",
                       "epochs", "orphan_denied", "tamper")
@@ -63,7 +63,7 @@ VERDICT_STAT_NAMES = ("execs", "drops", "denied", "invalidated", "in_scope", "ma
 
 @dataclass(frozen=True)
 class Guards:
-    """The kernel switches beyond the exec verdict (bpf/exec_verdict.h EG_LSM_CFG_*)."""
+    """The kernel switches beyond the exec verdict (exec_verdict.h EG_LSM_CFG_*)."""
 
     loader: bool = False  # deny a dynamic loader run as a program
     maps: bool = False  # judge PROT_EXEC mappings of files in scope
@@ -89,7 +89,7 @@ class BpfSensor:
     backend: ClassVar[str]
     source: ClassVar[str]
     offsets_fn: OffsetsFn  # a staticmethod in each subclass
-    load: ClassVar[str] = LOAD_DIRECT  # how bpf/exec_verdict.h reads kernel fields
+    load: ClassVar[str] = LOAD_DIRECT  # how exec_verdict.h reads kernel fields
     default_config: ClassVar[SensorConfig] = SensorConfig()
     # the guards before anyone configures the sensor
     initial_guards: ClassVar[Guards] = Guards()

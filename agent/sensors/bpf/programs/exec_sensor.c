@@ -2,7 +2,7 @@
  *
  * For hosts that allow no BPF LSM, fentry or kprobe programs: only tracepoints, raw
  * tracepoints and bpf_send_signal. Where a file is, what its verdict is and when it is
- * denied come from bpf/exec_verdict.h, the header the bpf-lsm and fmod-ret backends judge
+ * denied come from exec_verdict.h, the header the bpf-lsm and fmod-ret backends judge
  * with, so all three place files the same way (docs/threat-model.md, "Scope"). Only the
  * reading differs: a tracepoint's pointers are plain numbers to the verifier, so the loader
  * (agent/sensors/bpf/build.py) pastes the header with EG_LOAD as bpf_probe_read_kernel.
