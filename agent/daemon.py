@@ -49,6 +49,10 @@ class RunOptions:
     backend: Optional[str] = None
     state_dir: Optional[str] = None
     log_dir: Optional[str] = None
+    # the control socket: --socket, else DIR/control.sock for a --state-dir DIR given on the
+    # command line, else /run/execguard/control.sock; the client verbs resolve the same flags
+    # the same way, so the same flags always find the same agent (agent/control.py)
+    socket: Optional[str] = None
     status_interval: float = 5.0
     quiet: bool = False
     prewarm: bool = True
@@ -205,7 +209,7 @@ class Agent:
             "uptime_s": round(time.time() - st.started_at, 1),
             "policy": {"version": snap.version, "digest": snap.digest, "source": snap.source},
             "selftest": st.selftest, "skipped_backends": st.skipped,
-            "state_dir": snap.state_dir, "log_dir": snap.log_dir,
+            "state_dir": snap.state_dir, "log_dir": snap.log_dir, "socket": self.socket_path,
             "cache": self.decider.cache.stats().to_json(),
             "decisions": self.decider.stats.to_json(),
             "records": self.recorder.stats() if self.recorder else {},
@@ -258,7 +262,7 @@ class Agent:
 
         register_breakglass(self)  # its verbs exist before the socket opens
         self.bundles.attach(self)  # policy-apply, the expiry ticker, status.policy_bundle
-        self.control = ControlServer(socket_path(snap.state_dir), self.handle)
+        self.control = ControlServer(self.socket_path, self.handle)
         self.control.start()
         if self.opts.metrics.enabled:  # before the backend: a slow start is observable too
             from agent.metrics.service import start_metrics  # imports prometheus_client
@@ -312,14 +316,19 @@ class Agent:
         from agent.backends import tamper
         from agent.breakglass.token import DEFAULT_KEYS_DIR
 
-        # self-protection guards what the agent trusts beyond the policy's own paths
-        tamper.EXTRA_GUARDED[:] = [self.opts.breakglass_keys or DEFAULT_KEYS_DIR]
-        runner, result = start_backend(first, self.decider, self.record, skipped)
+        # self-protection guards what the agent trusts beyond the policy's own paths, and its
+        # control socket (outside the state directory by default): unlinked or chmod'ed, no
+        # authorized stop could reach the agent
+        tamper.EXTRA_GUARDED[:] = [self.opts.breakglass_keys or DEFAULT_KEYS_DIR,
+                                   self.socket_path]
+        # a backend the operator named is a contract: that one or a failed start (exit 2),
+        # never a quiet downgrade; auto walks down the preference order instead
+        runner, result = start_backend(first, self.decider, self.record, skipped,
+                                       only=requested not in (None, "auto"))
         self.runner = runner
         st = self.status_state
         st.backend, st.selftest = runner.name, result.detail
-        downgraded = requested not in (None, "auto") and runner.name != requested
-        st.state = "degraded" if downgraded or runner.name == "audit-only" else "ready"
+        st.state = "degraded" if runner.name == "audit-only" else "ready"
         assert self.recorder is not None
         self.recorder.agent_event(backend_selected(runner.name, runner.enforcement.value,
                                                    result.detail))
@@ -373,6 +382,10 @@ class Agent:
         self._stop_why = why
         self._stop_release = release
         self._stop.set()
+
+    @property
+    def socket_path(self) -> str:
+        return self.opts.socket or socket_path(self.opts.state_dir)
 
     @property
     def stopping(self) -> bool:

@@ -70,24 +70,37 @@ def make_runners(name: str, decider: Decider, record: Record) -> List[Runner]:
 
 
 def start_backend(first: str, decider: Decider, record: Record,
-                  on_skip: Callable[[str, str], None]) -> Tuple[Runner, SelftestResult]:
-    """Start ``first`` or, when its self-test fails, the next one down the preference order."""
-    for name in registry.below(first):
+                  on_skip: Callable[[str, str], None], only: bool = False
+                  ) -> Tuple[Runner, SelftestResult]:
+    """Start ``first`` or, when its self-test fails, the next one down the preference order;
+    with ``only`` (a backend the operator named), ``first`` or nothing."""
+    reasons: List[str] = []
+
+    def skip(name: str, why: str) -> None:
+        reasons.append(why)
+        on_skip(name, why)
+
+    for name in (first,) if only else registry.below(first):
         try:
             runners = make_runners(name, decider, record)
         except BackendUnavailable as exc:
-            on_skip(name, str(exc))
+            skip(name, str(exc))
             continue
         for runner in runners:
             result = runner.selftest()
             if not result.ok:
-                on_skip(name, result.detail)
+                skip(name, result.detail)
                 continue
             try:
                 runner.start()
             except (OSError, ExecguardError) as exc:
-                on_skip(name, f"{name} failed to start: {exc}")
+                skip(name, f"{name} failed to start: {exc}")
                 runner.stop()
                 continue
             return runner, result
+    if only:
+        raise BackendUnavailable(f"--backend {first} cannot start here: {'; '.join(reasons)}\n"
+                                 "  nothing was enforced: run 'execguard doctor --backend "
+                                 f"{first}' for the probes, or use '--backend auto' for the "
+                                 "best backend this host passes")
     raise BackendUnavailable("no backend passed its self-test")

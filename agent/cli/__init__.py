@@ -8,6 +8,7 @@ import sys
 from typing import List, Optional
 
 from agent import __version__
+from agent.cli.exits import EXIT_OK, TABLE, with_table
 
 # verb -> module under agent.cli; each module defines add_parser(subparsers) and run(args) -> int
 VERBS = {
@@ -24,7 +25,6 @@ VERBS = {
     "policy": "policy_cmd",
 }
 
-EXIT_OK, EXIT_UNTRUSTED, EXIT_ERROR = 0, 1, 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,8 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="execguard",
         description="Let a Go binary execute only when a cosign/Sigstore signature the host "
         "trusts covers it.",
-        epilog="Run 'execguard VERB --help' for each verb. Exit codes: 0 ok/trusted, "
-        "1 untrusted or not applicable, 2 usage or I/O error.",
+        epilog=f"Run 'execguard VERB --help' for each verb. {TABLE}",
     )
     parser.add_argument("--version", action="version", version=f"execguard {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
@@ -45,7 +44,17 @@ def build_parser() -> argparse.ArgumentParser:
         seen.add(module_name)
         module = importlib.import_module(f"agent.cli.{module_name}")
         module.add_parser(sub)
+    _tables(sub)
     return parser
+
+
+def _tables(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Every verb's --help ends with the one exit-code table (and so do nested verbs')."""
+    for p in set(sub.choices.values()):
+        p.epilog = with_table(p.epilog)
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _tables(action)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -20,14 +20,13 @@ from agent.breakglass.token import (
     issue,
     local_host_id,
 )
+from agent.cli.exits import EXIT_ERROR, EXIT_NO_AGENT, EXIT_OK
+from agent.cli.exits import EXIT_NO as EXIT_REJECTED
 from agent.control import ControlError, request, socket_path
 from agent.errors import ExecguardError, InputError
 from agent.fileio import read_small_file
 
-EXIT_OK, EXIT_REJECTED, EXIT_ERROR, EXIT_NO_AGENT = 0, 1, 2, 3
-
-EPILOG = ("Exit codes: 0 done; 1 rejected (the agent refused the token, or nothing was "
-          "active to end); 2 usage or input error; 3 no agent answers on the control socket. "
+EPILOG = ("1 here: rejected (the agent refused the token, or nothing was active to end). "
           "See docs/breakglass.md.")
 
 

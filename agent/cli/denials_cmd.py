@@ -15,6 +15,9 @@ import sys
 import threading
 from typing import Any, Callable, List, Optional, TextIO
 
+from agent.cli.exits import EXIT_ERROR
+from agent.cli.exits import EXIT_NO as EXIT_NONE
+from agent.cli.exits import EXIT_OK as EXIT_MATCH
 from agent.control import socket_path
 from agent.errors import ExecguardError
 from agent.policy import PolicySnapshot, default_policy, load_policy
@@ -45,7 +48,6 @@ from agent.review.output import (
     table_row,
 )
 
-EXIT_MATCH, EXIT_NONE, EXIT_ERROR = 0, 1, 2
 POLL_S = 0.25
 
 

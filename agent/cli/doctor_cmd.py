@@ -15,7 +15,8 @@ import time
 from typing import Any, Dict, List, Mapping, Optional
 
 from agent import hardening
-from agent.cli import EXIT_ERROR, EXIT_OK, EXIT_UNTRUSTED
+from agent.cli.exits import EXIT_ERROR, EXIT_OK
+from agent.cli.exits import EXIT_NO as EXIT_UNTRUSTED
 from agent.sensors import bcc_probe, probe
 from agent.sensors.probe import Choice, ProbeResult
 

@@ -7,12 +7,13 @@ import json
 import sys
 from typing import Any, Dict
 
+from agent.cli.exits import EXIT_ERROR, EXIT_OK
+from agent.cli.exits import EXIT_NO as EXIT_NOT_GO
+from agent.cli.exits import EXIT_PARTIAL as EXIT_RUNTIME_ONLY
 from agent.digest import Artifact
 from agent.errors import InputError, NotGoBinary
 from agent.goinfo import MALFORMED, RUNTIME, GoEvidence, inspect_go, read_buildinfo
 from agent.goinfo.gostr import encode
-
-EXIT_OK, EXIT_NOT_GO, EXIT_ERROR, EXIT_RUNTIME_ONLY = 0, 1, 2, 3
 
 
 def add_parser(subparsers: Any) -> None:

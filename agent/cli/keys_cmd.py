@@ -10,13 +10,12 @@ import sys
 from typing import Any
 
 from agent import signing
+from agent.cli.exits import EXIT_ERROR, EXIT_OK
 from agent.digest import Artifact
 from agent.errors import ExecguardError
 from agent.fileio import read_small_file
 from agent.verify import keys
 from agent.verify.bundle import build_key_bundle
-
-EXIT_OK, EXIT_ERROR = 0, 2
 
 
 def add_parser(sub: Any) -> None:

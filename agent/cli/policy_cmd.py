@@ -9,9 +9,10 @@ import sys
 from datetime import datetime, timezone
 from typing import Any, Dict
 
+from agent.cli.exits import EXIT_ERROR, EXIT_NO_AGENT, EXIT_OK
+from agent.cli.exits import EXIT_NO as EXIT_REJECTED
 from agent.errors import ExecguardError
 
-EXIT_OK, EXIT_REJECTED, EXIT_ERROR = 0, 1, 2
 DEFAULT_KEYS = "/etc/execguard/keys/policy"
 DEFAULT_DROP = "/etc/execguard/policy.d"
 
@@ -120,12 +121,12 @@ def add_parser(sub: Any) -> None:
     whatif_cmd.add_subparser(verbs)
 
 
-def _fail(args: argparse.Namespace, verb: str, exc: Exception) -> int:
+def _fail(args: argparse.Namespace, verb: str, exc: Exception, code: int = EXIT_ERROR) -> int:
     if getattr(args, "json", False):
         print(json.dumps({"error": str(exc)}))
     else:
         print(f"execguard policy {verb}: {exc}", file=sys.stderr)
-    return EXIT_ERROR
+    return code
 
 
 def run_build(args: argparse.Namespace) -> int:
@@ -268,7 +269,7 @@ def run_apply(args: argparse.Namespace) -> int:
         reply = request(args.socket or socket_path(args.state_dir), "policy-apply",
                         timeout=args.timeout, bundle=path)
     except ControlError as exc:
-        return _fail(args, "apply", exc)
+        return _fail(args, "apply", exc, EXIT_NO_AGENT)
     if "error" in reply:
         return _fail(args, "apply", ExecguardError(str(reply["error"])))
     if args.json:

@@ -10,10 +10,10 @@ from typing import Any
 from agent.backends import PREFERENCE
 from agent.cli import breakglass_cmd, policy_cmd
 from agent.cli.doctor_cmd import probe_seconds
+from agent.cli.exits import EXIT_ERROR
+from agent.control import DEFAULT_SOCKET
 from agent.errors import ExecguardError
 from agent.metrics import config as metrics_config
-
-EXIT_ERROR = 2
 
 
 def add_parser(sub: Any) -> None:
@@ -45,9 +45,16 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--key", action="append", default=[], metavar="PEM",
                    help="trusted public key (repeatable; replaces the policy's keys)")
     p.add_argument("--backend", choices=("auto", *PREFERENCE), default="auto",
-                   help="force a backend (its self-test must still pass, or the agent "
-                   "downgrades and says why); default: the best this host passes")
-    p.add_argument("--state-dir", metavar="DIR", help="cache and control socket directory")
+                   help="run this backend or none: when it cannot start (probe, self-test) "
+                   "the agent exits 2 with the reason, it never downgrades; default auto: the "
+                   "best this host passes, walking down the order when a self-test fails")
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="cache and state directory (default: the policy's state_dir, "
+                   "/var/lib/execguard); the control socket goes in it as DIR/control.sock")
+    p.add_argument("--socket", metavar="PATH",
+                   help="the control socket (default: DIR/control.sock with --state-dir DIR, "
+                   f"else {DEFAULT_SOCKET}); every other verb takes the same --state-dir and "
+                   "--socket to find this agent")
     p.add_argument("--log-dir", metavar="DIR", help="decision log directory")
     p.add_argument("--status-interval", type=float, default=5.0, metavar="S",
                    help="print a status line every S seconds (0: never)")
@@ -73,10 +80,10 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_ERROR
     opts = RunOptions(policy=args.policy, mode=args.mode, on_agent_exit=args.on_agent_exit,
-                      scopes=tuple(args.scope),
-                      keys=tuple(args.key), backend=args.backend, state_dir=args.state_dir,
-                      log_dir=args.log_dir, status_interval=args.status_interval,
-                      quiet=args.quiet, prewarm=not args.no_prewarm, audit=args.audit,
+                      scopes=tuple(args.scope), keys=tuple(args.key), backend=args.backend,
+                      state_dir=args.state_dir, socket=args.socket, log_dir=args.log_dir,
+                      status_interval=args.status_interval, quiet=args.quiet,
+                      prewarm=not args.no_prewarm, audit=args.audit,
                       probe_timeout=args.probe_timeout,
                       metrics=metrics_config.from_arguments(args),
                       **policy_cmd.run_options(args),

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any, Dict, List
 
+from agent.cli.exits import EXIT_NO_AGENT, EXIT_OK
 from agent.control import ControlError, request, socket_path
-
-EXIT_OK, EXIT_NO_AGENT = 0, 3
 
 
 def add_parser(sub: Any) -> None:
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"error": str(exc), "state": "absent"}))
         else:
-            print(f"execguard status: {exc}")
+            print(f"execguard status: {exc}", file=sys.stderr)
         return EXIT_NO_AGENT
     print(json.dumps(status, indent=2, sort_keys=True) if args.json else render(status))
     return EXIT_OK

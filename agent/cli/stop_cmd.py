@@ -8,23 +8,15 @@ import sys
 from typing import Any, Dict, Optional
 
 from agent.breakglass.token import DEFAULT_KEYS_DIR, MAX_REASON, reason_ok
-from agent.cli.breakglass_cmd import (
-    EXIT_ERROR,
-    EXIT_NO_AGENT,
-    EXIT_OK,
-    EXIT_REJECTED,
-    _read_token,
-    _socket_args,
-)
+from agent.cli.breakglass_cmd import _read_token, _socket_args
+from agent.cli.exits import EXIT_ERROR, EXIT_NO_AGENT, EXIT_OK
+from agent.cli.exits import EXIT_NO as EXIT_REJECTED
 from agent.control import ControlError, request, socket_path
 from agent.errors import ExecguardError
 
-# one exit-code table with the breakglass verbs: the same tokens, the same socket
-
-EPILOG = ("Exit codes: 0 the agent accepted the token and is stopping; 1 rejected (the code "
-          "is in the message and in --json's \"rejected\"); 2 usage or input error (an "
-          "unreadable token file); 3 no agent answers on the control socket. "
-          "See docs/breakglass.md, \"Stopping the agent\".")
+EPILOG = ("0 here: the agent accepted the token and is stopping; 1: rejected (the code is in "
+          "the message and in --json's \"rejected\"). See docs/breakglass.md, \"Stopping "
+          "the agent\".")
 
 
 def add_parser(sub: Any) -> None:

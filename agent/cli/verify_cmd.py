@@ -8,14 +8,14 @@ import json
 import sys
 from typing import Any, Dict
 
+from agent.cli.exits import EXIT_ERROR, EXIT_OK
+from agent.cli.exits import EXIT_NO as EXIT_UNTRUSTED
 from agent.digest import Artifact
 from agent.errors import ExecguardError, MalformedInput, NotGoBinary
 from agent.verify import verify_artifact
 from agent.verify.keys import describe_key
 from agent.verify.model import TrustConfig, Verdict
 from agent.verify.trust import build_trust
-
-EXIT_OK, EXIT_UNTRUSTED, EXIT_ERROR = 0, 1, 2
 
 
 def add_parser(sub: Any) -> None:

@@ -17,6 +17,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
+from agent.cli.exits import EXIT_ERROR, EXIT_OK
+from agent.cli.exits import EXIT_NO as EXIT_NEWLY_DENIED
 from agent.control import socket_path
 from agent.envelope import check_signatures
 from agent.errors import ExecguardError
@@ -29,7 +31,6 @@ from agent.review.query import FilterError, parse_time
 from agent.review.whatif import Gap, Replayer, recorded_policies
 from agent.review.whatif_report import Report, format_groups, log_paths, read_records, replay_all
 
-EXIT_OK, EXIT_NEWLY_DENIED, EXIT_ERROR = 0, 1, 2
 PROG = "execguard policy whatif"
 DEFAULT_POLICY_KEYS = "/etc/execguard/keys/policy"
 

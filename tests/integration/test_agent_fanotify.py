@@ -110,7 +110,7 @@ def test_monitor_mode_reports_but_never_blocks(tmp_path: Path, material: Materia
             explained = cli("denials", "--log-dir", str(agent.log_dir), "explain", record_id)
             assert explained.returncode == 0 and "execguard verify" in explained.stdout
         gone = cli("status", "--state-dir", str(agent.state_dir))
-        assert gone.returncode == 3 and "no agent" in gone.stdout
+        assert gone.returncode == 3 and "no agent" in gone.stderr
 
 
 def test_agent_killed_fails_open(tmp_path: Path, material: Material) -> None:

@@ -116,7 +116,7 @@ def test_go_runtime_without_build_info_exits_3(go_bins: Dict[str, Path], tmp_pat
     assert text.startswith(f"{path}: Go binary without Go build info: no Go build info")
     assert "Go runtime pclntab (go1.18-1.19" in text and "found by scan" in text
     rc, doc = cli_json(str(path))
-    assert rc == 3 and list(doc) == ["is_go", "file", "evidence", "go_version", "detail",
+    assert rc == 4 and list(doc) == ["is_go", "file", "evidence", "go_version", "detail",
                                      "runtime"]
     assert (doc["is_go"], doc["evidence"], doc["go_version"]) == (True, "runtime", None)
     rt = doc["runtime"]

@@ -283,18 +283,32 @@ def _restart_with(svc: Service, backend: str) -> Dict[str, str]:
         and svc._answers(), 180)
 
 
-def test_bcc_loads_under_the_hardening_and_a_degraded_start_says_so(svc: Service) -> None:
+def test_bcc_loads_under_the_hardening_and_a_named_backend_that_cannot_start_fails(
+        svc: Service) -> None:
     # kill: a BCC raw tracepoint compiled and loaded in-process, under MemoryDenyWriteExecute,
     # the syscall filter and the capability bounding set
-    props = _restart_with(svc, "kill")
-    status = svc.ask()
-    skipped = {s["backend"]: s["why"] for s in status["skipped_backends"]}
+    old = svc.show()["MainPID"]
+    svc.use_backend("kill")
+    svc.sd.systemctl("restart", UNIT)
+    # exit 2, seen in the RestartSec window before systemd tries again
+    svc.sd.wait_show(UNIT, (*PROPS, "ExecMainStatus", "ExecMainPID"),
+                     lambda p: p.get("ExecMainStatus") == "2" and p.get("ExecMainPID") != old
+                     and "--backend kill cannot start here" in svc.agent_log(), 180)
+    log = svc.agent_log()
     # BCC compiled, loaded and attached: its self-test got as far as comparing the kernel's
     # record of the canary exec with /proc. It fails there, and only there, because this
     # manager has a pid namespace of its own (the sensor reports the host's pids); on a
     # host whose PID 1 is systemd the two agree (tests/integration/test_bpf_exec*.py).
-    assert "identity mismatch" in skipped["kill"] and "ppid" in skipped["kill"], skipped
-    # the agent fell back to audit-only: READY=1 all the same, with a STATUS= that says so
+    failed = next(line for line in log.splitlines() if "--backend kill cannot start" in line)
+    assert "identity mismatch" in failed and "ppid" in failed, failed
+    # a backend the operator named is that backend or a failed start: no quiet downgrade
+    assert "backend audit-only" not in log.split("--backend kill")[-1]
+
+
+def test_a_degraded_start_says_so(svc: Service) -> None:
+    # audit-only, named: READY=1 all the same, with a STATUS= that says it blocks nothing
+    props = _restart_with(svc, "audit-only")
+    status = svc.ask()
     assert status["state"] == "degraded" and status["backend"] == "audit-only"
     assert props["StatusText"].split(":")[0] in ("degraded", "status")
     assert "degraded" in props["StatusText"]
