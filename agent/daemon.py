@@ -53,6 +53,8 @@ class RunOptions:
     # command line, else /run/execguard/control.sock; the client verbs resolve the same flags
     # the same way, so the same flags always find the same agent (agent/control.py)
     socket: Optional[str] = None
+    log_max_bytes: int = 16 << 20  # rotate the decision log past this size (docs/records.md)
+    log_keep: int = 5  # rotated decision-log files kept
     status_interval: float = 5.0
     quiet: bool = False
     prewarm: bool = True
@@ -107,6 +109,26 @@ class Console:
     def close(self) -> None:
         self._q.put(None)
         self._thread.join(timeout=2)
+
+
+def status_line(s: Dict[str, Any]) -> str:
+    """The console's periodic line from a ``status`` answer; a value not known yet (no
+    decision made, an unversioned policy) is ``-``, never ``None``."""
+
+    def known(value: Any, unit: str = "") -> str:
+        return "-" if value is None else f"{value}{unit}"
+
+    dec = s["decisions"]["decisions"]
+    lat = s["decisions"]["latency_us"]
+    glass = s.get("breakglass") or {}
+    extra = f" BREAK-GLASS={glass.get('remaining_s')}s-left" if glass.get("active") else ""
+    version = s["policy"]["version"]
+    return (f"status: {s['state']} backend={s['backend']} enforcement={s['enforcement']} "
+            f"policy={'-' if version is None else f'v{version}'}{extra} "
+            f"decisions={sum(dec.values())} deny={dec.get('deny', 0)} "
+            f"would-deny={dec.get('would-deny', 0)} cache={known(s['cache'].get('entries'))} "
+            f"hit-rate={s['cache'].get('hit_rate') or 0:.2f} p50={known(lat.get('p50'), 'us')} "
+            f"p99={known(lat.get('p99'), 'us')} dropped={s['records_dropped']}")
 
 
 def decision_line(d: Decision) -> str:
@@ -224,18 +246,7 @@ class Agent:
         return out
 
     def status_line(self) -> str:
-        s = self.status({})
-        dec = s["decisions"]["decisions"]
-        lat = s["decisions"]["latency_us"]
-        glass = s.get("breakglass") or {}
-        extra = (f" BREAK-GLASS={glass.get('remaining_s')}s-left" if glass.get("active")
-                 else "")
-        return (f"status: {s['state']} backend={s['backend']} enforcement={s['enforcement']} "
-                f"policy=v{s['policy']['version']}{extra} "
-                f"decisions={sum(dec.values())} deny={dec.get('deny', 0)} "
-                f"would-deny={dec.get('would-deny', 0)} cache={s['cache'].get('entries')} "
-                f"hit-rate={s['cache'].get('hit_rate', 0):.2f} p50={lat['p50']}us "
-                f"p99={lat['p99']}us dropped={s['records_dropped']}")
+        return status_line(self.status({}))
 
     # -- lifecycle --------------------------------------------------------------------
     def start(self) -> None:
@@ -246,7 +257,9 @@ class Agent:
         self.status_sections.append(fd_limit_section(limit))
         if limit.error is not None:
             self.say(f"WARNING: fd limit stays {limit.soft_at_start}: {limit.error}")
-        self.recorder = Recorder(RecorderConfig(snap.log_dir, audit=self.opts.audit))
+        self.recorder = Recorder(RecorderConfig(snap.log_dir, audit=self.opts.audit,
+                                                max_bytes=self.opts.log_max_bytes,
+                                                keep=self.opts.log_keep))
         self.recorder.start()
         self.recorder.agent_event(agent_start(__version__, snap.mode.value, os.getpid()))
         self.recorder.agent_event(policy_loaded(snap.version, snap.digest, snap.source,

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import secrets
-import socket
 import stat
 import time
 from dataclasses import dataclass
@@ -26,6 +25,9 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Set, Tuple
 from agent.envelope import Envelope, check_signatures, parse_envelope
 from agent.errors import ExecguardError, InputError, MalformedInput
 from agent.fileio import check_root_owned
+from agent.hostid import MACHINE_ID_PATH as MACHINE_ID_PATH
+from agent.hostid import HostId as HostId
+from agent.hostid import local_host_id as local_host_id
 from agent.signing import PrivateKey
 from agent.verify.keys import key_fingerprint, load_public_key
 from agent.verify.model import TrustedKey
@@ -41,7 +43,6 @@ DEFAULT_THRESHOLD = 1
 # An offline issuer's clock may run ahead of the host's: a not_before up to this far in the
 # future is accepted. There is no grace at the other end: not_after is never exceeded.
 CLOCK_SKEW_S = 120
-MACHINE_ID_PATH = "/etc/machine-id"
 LEDGER_NAME = "breakglass.jsonl"
 # ledger events that spend a nonce: a monitor token applied, a stop token used
 SPENDING_EVENTS = ("applied", "stop")
@@ -49,8 +50,6 @@ MAX_TOKEN_BYTES = 3072  # it travels in one control-socket request (4096 bytes)
 MAX_REASON = 500
 MAX_LEDGER_BYTES = 64 * 1024 * 1024
 _NONCE = re.compile(r"[0-9a-f]{32}\Z")
-_MACHINE_ID = re.compile(r"[0-9a-f]{32}\Z")
-_HOSTNAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,252})\Z")
 _FIELDS = ("grant", "host", "issued_at", "issuer", "nonce", "not_after", "not_before",
            "reason")
 
@@ -67,51 +66,6 @@ class Rejected(ExecguardError):
         super().__init__(f"{code}: {detail}")
         self.code = code
         self.detail = detail
-
-
-# -- host identity ------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class HostId:
-    """Hostname and machine-id; ``text()`` is what ``breakglass host-id`` prints."""
-
-    hostname: str
-    machine_id: str
-
-    def text(self) -> str:
-        return f"{self.hostname}:{self.machine_id}"
-
-    def to_json(self) -> Dict[str, str]:
-        return {"hostname": self.hostname, "machine_id": self.machine_id}
-
-    @classmethod
-    def parse(cls, text: str, source: str = "--host") -> HostId:
-        """``HOSTNAME:MACHINE-ID`` (hostnames never contain a colon)."""
-        hostname, sep, machine_id = text.strip().rpartition(":")
-        if not sep:
-            raise MalformedInput(source, f"{text!r}: expected HOSTNAME:MACHINE-ID, as "
-                                 "'execguard breakglass host-id' prints on the target host")
-        return cls.checked(hostname, machine_id.lower(), source)
-
-    @classmethod
-    def checked(cls, hostname: Any, machine_id: Any, source: str) -> HostId:
-        if not isinstance(hostname, str) or not _HOSTNAME.match(hostname):
-            raise MalformedInput(source, f"host name {hostname!r} is not a valid hostname")
-        if not isinstance(machine_id, str) or not _MACHINE_ID.match(machine_id):
-            raise MalformedInput(source, f"machine-id {machine_id!r} is not 32 hex digits")
-        return cls(hostname, machine_id)
-
-
-def local_host_id(machine_id_path: str = MACHINE_ID_PATH) -> HostId:
-    """This host's identity: the kernel's hostname and /etc/machine-id (systemd's, or the
-    one dbus or systemd-machine-id-setup wrote). No machine-id: no binding, InputError."""
-    try:
-        with open(machine_id_path, encoding="ascii", errors="replace") as fh:
-            machine_id = fh.read(256).strip()
-    except OSError as exc:
-        raise InputError(machine_id_path, f"cannot read the machine-id "
-                         f"({exc.strerror or exc}); break-glass tokens are bound to it") from None
-    return HostId.checked(socket.gethostname(), machine_id, machine_id_path)
 
 
 # -- the token ----------------------------------------------------------------------------

@@ -56,6 +56,12 @@ def add_parser(sub: Any) -> None:
                    f"else {DEFAULT_SOCKET}); every other verb takes the same --state-dir and "
                    "--socket to find this agent")
     p.add_argument("--log-dir", metavar="DIR", help="decision log directory")
+    p.add_argument("--log-max-size", type=size_bytes, default=16 << 20, metavar="SIZE",
+                   help="rotate the decision log when it would pass SIZE (bytes, or with K, "
+                   "M, G: powers of 1024; default 16M)")
+    p.add_argument("--log-keep", type=keep_count, default=5, metavar="N",
+                   help="rotated decision-log files kept, oldest deleted (0..1000, default 5; "
+                   "0 keeps only the current file)")
     p.add_argument("--status-interval", type=float, default=5.0, metavar="S",
                    help="print a status line every S seconds (0: never)")
     p.add_argument("--quiet", action="store_true", help="do not print each decision")
@@ -72,6 +78,29 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(run=run)
 
 
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def size_bytes(text: str) -> int:
+    """argparse type for --log-max-size: ``65536``, ``512K``, ``16M``, ``1G``."""
+    number, unit = text.strip(), ""
+    if number[-1:].upper() in ("K", "M", "G"):
+        number, unit = number[:-1], number[-1].upper()
+    if not number.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: a size in bytes, or with K, M or G")
+    value = int(number) * _UNITS[unit]
+    if not 4096 <= value <= 1 << 40:
+        raise argparse.ArgumentTypeError(f"{text!r}: between 4K and 1024G")
+    return value
+
+
+def keep_count(text: str) -> int:
+    """argparse type for --log-keep."""
+    if not text.strip().isdigit() or int(text) > 1000:
+        raise argparse.ArgumentTypeError(f"{text!r}: a whole number from 0 to 1000")
+    return int(text)
+
+
 def run(args: argparse.Namespace) -> int:
     from agent.daemon import Agent, RunOptions
 
@@ -82,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
     opts = RunOptions(policy=args.policy, mode=args.mode, on_agent_exit=args.on_agent_exit,
                       scopes=tuple(args.scope), keys=tuple(args.key), backend=args.backend,
                       state_dir=args.state_dir, socket=args.socket, log_dir=args.log_dir,
+                      log_max_bytes=args.log_max_size, log_keep=args.log_keep,
                       status_interval=args.status_interval, quiet=args.quiet,
                       prewarm=not args.no_prewarm, audit=args.audit,
                       probe_timeout=args.probe_timeout,

@@ -17,6 +17,7 @@ from enum import Enum
 from typing import List, Optional, Tuple, Union
 
 from agent.decision import Decision, Enforcement
+from agent.hostid import record_host
 
 # <linux/audit.h>; user-space types the kernel accepts (1005, 1100-1199, 2100-2999)
 AUDIT_USER = 1005
@@ -28,6 +29,11 @@ AUDIT_ANOM_EXEC = 2112
 # the kernel keeps at most 8560 bytes of a user message; each string field is capped so the
 # whole denial body fits (the decision log always has the full value)
 MAX_STRING_BYTES = 1024
+# One record is cut by the kernel at 8560 bytes, and path, cmd (the same path, for auparse)
+# and libaudit's exe of the agent each take up to 1024 bytes (hex: twice that). The subject's
+# exe before the exec gets half of that, the signer (a URL or an email) and the host less.
+EXE_STRING_BYTES = 512
+SHORT_STRING_BYTES = 160
 
 # enforcements that stopped the exec (res=failed); the others let it run (res=success)
 BLOCKING = frozenset({Enforcement.LSM_DENY, Enforcement.FMOD_RET_DENY,
@@ -51,11 +57,11 @@ def to_bytes(value: str) -> bytes:
     return value.encode("utf-8", "surrogateescape")
 
 
-def encode_string(name: str, value: Optional[str]) -> str:
+def encode_string(name: str, value: Optional[str], limit: int = MAX_STRING_BYTES) -> str:
     """``name="value"`` or ``name=HEX`` for an untrusted string; ``name=?`` when unknown."""
     if value is None:
         return f"{name}=?"
-    raw = to_bytes(value)[:MAX_STRING_BYTES]
+    raw = to_bytes(value)[:limit]
     if needs_encoding(raw) or not raw:
         return f"{name}={raw.hex().upper()}" if raw else f'{name}=""'
     return f'{name}="{raw.decode("ascii")}"'
@@ -105,7 +111,7 @@ def denial_message(record_id: str, d: Decision, exe: Optional[str] = None) -> Au
         encode_code("ouid", ev.uid),
         encode_code("oauid", ev.auid),
         encode_string("comm", ev.comm),
-        encode_string("exe", exe),
+        encode_string("exe", exe, EXE_STRING_BYTES),
         encode_string("path", ev.path),
         # auparse's normalizer names the object of an ANOM_EXEC from cmd= (--format text)
         encode_string("cmd", ev.path),
@@ -117,8 +123,24 @@ def denial_message(record_id: str, d: Decision, exe: Optional[str] = None) -> Au
         encode_code("backend", ev.backend),
         encode_code("rule_id", d.rule_id),
         encode_code("policy_version", d.policy_version),
+        encode_string("signer", signer_of(d), SHORT_STRING_BYTES),
+        encode_string("host", host_text(), SHORT_STRING_BYTES),
     ]
     return AuditMessage(AUDIT_ANOM_EXEC, " ".join(fields), d.enforcement not in BLOCKING)
+
+
+def signer_of(d: Decision) -> Optional[str]:
+    """Who signed the file, as the decision saw it: the keyless identity, else the key."""
+    ev = d.evidence
+    if ev is None:
+        return None
+    return ev.identity or ev.key_fingerprint
+
+
+def host_text() -> str:
+    """``HOSTNAME:MACHINE-ID`` as ``breakglass host-id`` prints it (``?`` for no id)."""
+    host = record_host()
+    return f"{host['hostname']}:{host['machine_id'] or '?'}"
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from agent.decision import Decision, Enforcement, ExecEvent, FileIdentity, Source
 from agent.errors import MalformedInput, Reason
+from agent.hostid import record_host
 from agent.verify.model import Evidence, SignatureKind
 
 SCHEMA_VERSION = 1
@@ -50,6 +51,8 @@ class LoggedDecision:
 
     id: str
     decision: Decision
+    # the host that wrote it ({"hostname", "machine_id"}); None in records before it existed
+    host: Optional[Dict[str, Optional[str]]] = None
 
 
 def _iso(ns: int) -> str:
@@ -57,8 +60,10 @@ def _iso(ns: int) -> str:
     return ts.strftime("%Y-%m-%dT%H:%M:%S") + f".{(ns % 1_000_000_000) // 1000:06d}Z"
 
 
-def to_json(record_id: str, d: Decision) -> Dict[str, Any]:
-    """The schema-v1 object for one Decision (field order is the documented order)."""
+def to_json(record_id: str, d: Decision,
+            host: Optional[Dict[str, Optional[str]]] = None) -> Dict[str, Any]:
+    """The schema-v1 object for one Decision (field order is the documented order); ``host``:
+    this host (agent/hostid.py) unless given."""
     ev = d.event
     ident = ev.identity
     return {
@@ -66,6 +71,7 @@ def to_json(record_id: str, d: Decision) -> Dict[str, Any]:
         "id": record_id,
         "time": _iso(ev.timestamp_ns),
         "time_ns": ev.timestamp_ns,
+        "host": host if host is not None else record_host(),
         "decision": "allow" if d.allow else "deny",
         "reason": d.reason.value,
         "detail": d.detail,
@@ -212,7 +218,15 @@ def from_json(obj: Any, path: str = "<record>", line: int = 0) -> LoggedDecision
         latency_us=r.typed(obj, "latency_us", int, True),
         extra=r.typed(obj, "extra", dict, True) or {},
     )
-    return LoggedDecision(r.typed(obj, "id", str), decision)
+    return LoggedDecision(r.typed(obj, "id", str), decision, _host(r, obj))
+
+
+def _host(r: _Reader, obj: Dict[str, Any]) -> Optional[Dict[str, Optional[str]]]:
+    host = r.typed(obj, "host", dict, True)  # absent in records before it existed
+    if host is None:
+        return None
+    return {"hostname": r.typed(host, "hostname", str),
+            "machine_id": r.typed(host, "machine_id", str, True)}
 
 
 def from_line(text: bytes, path: str = "<record>", line: int = 0) -> LoggedDecision:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.agent_fixtures import REPO, exec_file, running_agent, scoped_tmpfs
+from tests.agent_fixtures import REPO, exec_file, running_agent, scoped_tmpfs, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -67,3 +67,7 @@ def test_auto_takes_the_best_backend_this_host_passes_and_says_why(tmp_path: Pat
             assert exec_file(unsigned).returncode == 0
             record = agent.wait_decision(str(unsigned))[-1]
             assert record["event"]["backend"] == "fanotify-exec"
+            # its console line reaches a stdout that is a file, not a terminal (journald's
+            # case), while it runs: written a line at a time, not held in a block buffer
+            wait_for(lambda: any(str(unsigned) in line and "ALLOW" in line
+                                 for line in agent.output.read_text().splitlines()), 10)

@@ -15,6 +15,7 @@ from typing import Dict, Iterator
 import pytest
 
 from agent.decision import Enforcement
+from agent.hostid import record_host
 from agent.record import (
     Recorder,
     RecorderConfig,
@@ -100,6 +101,10 @@ def test_denial_shows_in_ausearch_and_aureport(auditd: Auditd, transport: str,
     assert f["sha256"] == d.sha256
     assert (f["reason"], f["enforcement"]) == ("no-signature", "fanotify-deny")
     assert (f["policy_version"], f["rule_id"]) == ("7", "go-release")
+    # fields auparse does not know stay as sent (quoted), which is what a collector parses
+    assert d.evidence is not None and f["signer"] == f'"{d.evidence.identity}"'
+    host = record_host()
+    assert f["host"] == f'"{host["hostname"]}:{host["machine_id"] or "?"}"'
     assert f["res"] == "failed"
     assert _fields(text, mid)["res"] == "success"  # monitor: the exec ran
     assert allowed not in text

@@ -10,6 +10,7 @@ import audit as libaudit
 import pytest
 
 from agent.decision import Enforcement
+from agent.hostid import record_host
 from agent.record.audit_format import (
     AUDIT_ANOM_EXEC,
     AUDIT_SERVICE_START,
@@ -120,3 +121,16 @@ def test_dev_uses_the_kernel_notation() -> None:
     d = make_decision(1)
     assert os.major(d.event.identity.dev) == 254
     assert "dev=fe:01 " in denial_message("x", d).body
+
+
+def test_a_denial_names_its_signer_and_the_host() -> None:
+    """A wrong signer is why a signed file was denied; collected from many hosts, each record
+    says which one (auditd's node= needs name_format set, which hosts often lack)."""
+    d = make_decision(1)
+    assert d.evidence is not None and d.evidence.identity
+    f = _body_fields(denial_message("x", d).body)
+    assert f["signer"] == f'"{d.evidence.identity}"'
+    host = record_host()
+    assert f["host"] == f'"{host["hostname"]}:{host["machine_id"] or "?"}"'
+    unsigned = _body_fields(denial_message("x", make_decision(1, full=False)).body)
+    assert unsigned["signer"] == "?"

@@ -4,12 +4,14 @@ errors naming the file, line and field for anything else."""
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 from typing import Any, Dict
 
 import pytest
 
 from agent.decision import Enforcement
+from agent.hostid import record_host
 from agent.record.decision_log import (
     SCHEMA_VERSION,
     LogFormatError,
@@ -21,7 +23,7 @@ from agent.record.decision_log import (
 )
 from tests.record_fixtures import make_decision
 
-TOP_KEYS = ["v", "id", "time", "time_ns", "decision", "reason", "detail", "enforcement",
+TOP_KEYS = ["v", "id", "time", "time_ns", "host", "decision", "reason", "detail", "enforcement",
             "source", "event", "sha256", "evidence", "rule_id", "policy_version",
             "policy_digest", "go", "latency_us", "extra"]
 
@@ -31,6 +33,7 @@ def test_documented_shape() -> None:
     assert list(obj) == TOP_KEYS
     assert obj["v"] == SCHEMA_VERSION and obj["decision"] == "deny"
     assert obj["time"] == "2026-11-18T11:06:40.000003Z"
+    assert obj["host"] == record_host() and obj["host"]["hostname"] == socket.gethostname()
     assert list(obj["event"]) == ["pid", "ppid", "uid", "gid", "auid", "comm", "path", "dev", "ino",
                                   "ctime_ns", "size", "backend"]
     assert obj["evidence"]["kind"] == "sigstore-bundle-keyless"
@@ -49,7 +52,7 @@ def test_round_trip(full: bool, allow: bool) -> None:
     line = to_line("id9", d)
     assert line.endswith(b"\n") and line.count(b"\n") == 1
     back = from_line(line, "f", 1)
-    assert back.id == "id9" and back.decision == d
+    assert back.id == "id9" and back.decision == d and back.host == record_host()
 
 
 def test_odd_paths_round_trip() -> None:
@@ -99,3 +102,17 @@ def test_ids_are_unique_and_time_ordered() -> None:
     assert len(set(ids)) == len(ids)
     assert [i[:13] for i in ids] == sorted(i[:13] for i in ids)
     assert all(len(i) == 19 and int(i, 16) >= 0 for i in ids)
+
+
+def test_records_name_the_host_that_wrote_them_and_older_records_still_read() -> None:
+    """A fleet merges logs: each record says which host (hostname and machine-id, as
+    `breakglass host-id` prints them) decided it; a record written before the field existed
+    reads with no host, and a malformed host names the field."""
+    obj = to_json("h1", make_decision(1), host={"hostname": "web-7", "machine_id": None})
+    assert from_json(json.loads(json.dumps(obj))).host == {"hostname": "web-7",
+                                                           "machine_id": None}
+    del obj["host"]
+    assert from_json(obj).host is None
+    obj["host"] = {"hostname": 7}
+    with pytest.raises(LogFormatError, match="field 'hostname' must be str"):
+        from_json(obj)
