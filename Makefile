@@ -6,7 +6,7 @@ EXECGUARD := $(VENV)/bin/execguard
 RESULTS ?= test-results
 
 .PHONY: help setup setup-test run demo doctor test host-test lint unit bench clean vagrant-validate
-.PHONY: install uninstall
+.PHONY: install uninstall deb
 
 help:
 	@echo "make run     install what is missing, then run the agent in the foreground (default policy)"
@@ -18,6 +18,7 @@ help:
 	@echo "make clean   remove the venv and caches"
 	@echo "make install the agent in \$$(PREFIX) (/opt/execguard) + execguard.service (docs/service.md);"
 	@echo "             DESTDIR, PREFIX, UNITDIR, SYSCONFDIR respected; make uninstall"
+	@echo "make deb     a Debian package of the same install in dist/ (docs/packaging.md)"
 
 setup:
 	@./scripts/setup.sh
@@ -66,8 +67,11 @@ install: setup
 uninstall:
 	@$(INSTALL_ENV) ./scripts/install.sh uninstall
 
+deb: setup
+	@./scripts/build-deb.sh
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(RESULTS) *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(RESULTS) *.egg-info dist
 
 vagrant-validate: setup-test
 	./scripts/vagrant-validate.sh

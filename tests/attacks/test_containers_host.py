@@ -14,7 +14,7 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Any, Dict, Iterator, List, NamedTuple
 
 import pytest
 
@@ -68,9 +68,17 @@ def test_a_container_whose_layer_is_in_scope_cannot_run_an_unsigned_program(rig:
     ran = run_container(rig.scope / "unsigned", rig.work)
     assert not ran.said_hello and "hello-from-container" not in ran.stdout, \
         f"{rig.backend}: the unsigned busybox ran in the container: {ran}"
-    decisions = [d for d in rig.agent.decisions() if d["decision"] == "deny"
-                 and d["event"]["path"].endswith("/bin/busybox")]
-    assert decisions, f"{rig.backend}: no denial recorded: {rig.agent.decisions()[-5:]}"
+
+    def denials() -> List[Dict[str, Any]]:
+        return [d for d in rig.agent.decisions() if d["decision"] == "deny"
+                and d["event"]["path"].endswith("/bin/busybox")]
+
+    # kill decides after the kernel killed the exec, and the record is written after that:
+    # wait for it rather than read the log at once
+    deadline = time.monotonic() + 15
+    while not denials() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert denials(), f"{rig.backend}: no denial recorded: {rig.agent.decisions()[-5:]}"
 
 
 def test_a_container_whose_layer_is_in_scope_runs_a_signed_program(rig: Rig) -> None:

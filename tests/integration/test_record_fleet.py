@@ -28,7 +28,7 @@ def test_records_name_the_host_and_rotate_where_the_operator_said(tmp_path: Path
             copies[-1].chmod(0o755)
         with running_agent(tmp_path, "--backend", "fanotify-exec", "--mode", "monitor",
                            "--scope", str(scope), "--audit", "off", "--quiet", "--no-prewarm",
-                           "--log-max-size", "4K", "--log-keep", "2") as agent:
+                           "--log-max-size", "4K", "--log-keep", "2"):
             for path in copies:
                 assert exec_file(path).returncode == 0
             logs = tmp_path / "log"

@@ -194,13 +194,13 @@ def test_diff_rules_fields_and_bundles(capsys: pytest.CaptureFixture[str],
     assert run(capsys, "policy", "diff", str(a), str(garbage))[0] == 2
 
 
-def test_apply_without_an_agent_is_an_error(capsys: pytest.CaptureFixture[str],
-                                            setup: Dict[str, Path], tmp_path: Path) -> None:
+def test_apply_without_an_agent_is_exit_3_and_a_missing_bundle_is_2(
+        capsys: pytest.CaptureFixture[str], setup: Dict[str, Path], tmp_path: Path) -> None:
     bundle = tmp_path / "b.bundle"
     assert build(capsys, setup["policy"], bundle)[0] == 0
     code, out, _ = run(capsys, "policy", "apply", str(bundle), "--state-dir",
                        str(tmp_path / "no-agent"), "--json")
-    assert code == 2 and "no agent" in json.loads(out)["error"]
+    assert code == 3 and "no agent" in json.loads(out)["error"]
     code, _, err = run(capsys, "policy", "apply", str(tmp_path / "none.bundle"))
     assert code == 2 and "none.bundle" in err
 

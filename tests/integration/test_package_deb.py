@@ -1,0 +1,141 @@
+"""`make deb` (scripts/build-deb.sh) as a fleet deploys it: the package is built from this
+tree, then installed with apt into a fresh Debian root made by debootstrap (so apt resolves
+the package's own Depends from Debian's archive), where the installed `execguard doctor`
+runs; a reinstall (dpkg's upgrade path) keeps the state and an edited conffile, a removal
+keeps them, a purge removes them.
+
+Everything that mounts runs in a private mount namespace (``unshare``): /proc, /sys and /dev
+are visible in the root only there and vanish with it, whatever happens. The root has no
+running systemd (its /run is empty), so the maintainer scripts take their no-systemd branch
+here; the unit itself runs under a real systemd in test_service_systemd.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Dict
+
+import pytest
+
+from tests.agent_fixtures import REPO
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+IN_ROOT = r"""
+set -eu
+R=$1; DEB=$2; OUT=$3
+mount -t proc proc "$R/proc"
+mount --rbind /sys "$R/sys"
+mount --bind /dev "$R/dev"
+cp "$DEB" "$R/tmp/execguard.deb"
+export DEBIAN_FRONTEND=noninteractive
+in_root() { chroot "$R" "$@"; }
+in_root apt-get update -qq
+in_root apt-get install -y -qq --no-install-recommends /tmp/execguard.deb >"$OUT/install.log" 2>&1
+rc=0
+in_root /opt/execguard/bin/execguard doctor --json >"$OUT/doctor.json" 2>"$OUT/doctor.err" \
+    || rc=$?
+echo "$rc" >"$OUT/doctor.rc"
+# what an upgrade must keep: the agent's state (cache, anti-rollback version) and an edited
+# conffile; the same version again runs dpkg's upgrade path (prerm upgrade, postinst configure)
+mkdir -p "$R/var/lib/execguard"
+echo '{"version": 7}' >"$R/var/lib/execguard/policy-version.json"
+sed -i 's/^EXECGUARD_OPTS=.*/EXECGUARD_OPTS="--quiet --mine"/' "$R/etc/default/execguard"
+in_root dpkg -i --force-confold /tmp/execguard.deb >"$OUT/upgrade.log" 2>&1
+state() { ls "$R/opt/execguard/bin/execguard" "$R/etc/default/execguard" \
+          "$R/var/lib/execguard/policy-version.json" 2>/dev/null || true; }
+{ echo "== upgraded"; state; grep '^EXECGUARD_OPTS=' "$R/etc/default/execguard"; } >"$OUT/life"
+in_root dpkg -r execguard >"$OUT/remove.log" 2>&1
+{ echo "== removed"; state; } >>"$OUT/life"
+in_root dpkg -P execguard >"$OUT/purge.log" 2>&1
+{ echo "== purged"; state; } >>"$OUT/life"
+"""
+
+
+@pytest.fixture(scope="module")
+def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("deb")
+    done = subprocess.run(["./scripts/build-deb.sh"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OUT": str(out)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    path = Path(done.stdout.strip().splitlines()[-1])
+    assert path.parent == out and path.name.startswith("execguard_"), path
+    return path
+
+
+def dpkg_deb(*args: str) -> str:
+    return subprocess.run(["dpkg-deb", *args], check=True, capture_output=True, text=True,
+                          timeout=120).stdout
+
+
+def test_the_package_holds_the_agent_its_programs_the_unit_and_a_conffile(deb: Path) -> None:
+    fields = {name: dpkg_deb("-f", str(deb), name).strip()
+              for name in ("Package", "Architecture", "Depends", "Recommends")}
+    assert fields["Package"] == "execguard"
+    depends = fields["Depends"]
+    for need in ("python3 (>= 3.", "python3 (<< 3.", "python3-bpfcc", "python3-audit"):
+        assert need in depends, depends
+    assert "auditd" in fields["Recommends"]
+    files = {line.split()[-1].lstrip(".") for line in dpkg_deb("-c", str(deb)).splitlines()}
+    site = next(f for f in files if f.endswith("/site-packages/agent/")).rstrip("/")
+    for path in ("/opt/execguard/bin/execguard", "/lib/systemd/system/execguard.service",
+                 "/etc/default/execguard", "/etc/execguard/keys/",
+                 "/opt/execguard/share/doc/execguard/policy-enforce.toml",
+                 f"{site}/sensors/bpf/programs/exec_lsm.c",
+                 f"{site}/sensors/bpf/programs/exec_verdict.h"):
+        assert path in files, path
+    # nothing of the build machine: no staging path, no byte code, no state or logs
+    assert not [f for f in files if f.startswith(("/var/", "/run/", "/tmp/"))]
+    assert not [f for f in files if f.endswith(".pyc")]
+    control = subprocess.run(["dpkg-deb", "--ctrl-tarfile", str(deb)], check=True,
+                             capture_output=True, timeout=60).stdout
+    listing = subprocess.run(["tar", "-t"], input=control, capture_output=True,
+                             check=True).stdout.decode()
+    assert {"./conffiles", "./postinst", "./prerm", "./postrm"} <= set(listing.split())
+    conffiles = subprocess.run(["dpkg-deb", "-I", str(deb), "conffiles"], capture_output=True,
+                               text=True, check=True).stdout.split()
+    assert conffiles == ["/etc/default/execguard"]
+
+
+@pytest.fixture(scope="module")
+def lived(deb: Path, tmp_path_factory: pytest.TempPathFactory) -> Dict[str, str]:
+    """The package's life in a fresh Debian root: install, doctor, upgrade, remove, purge."""
+    work = tmp_path_factory.mktemp("debian-root")
+    root, out = work / "root", work / "out"
+    out.mkdir()
+    boot = subprocess.run(["debootstrap", "--variant=minbase", "bookworm", str(root)],
+                          capture_output=True, text=True, timeout=600)
+    assert boot.returncode == 0, boot.stdout[-3000:] + boot.stderr[-3000:]
+    (work / "in-root.sh").write_text(IN_ROOT)
+    done = subprocess.run(["unshare", "--mount", "--propagation", "private", "bash",
+                           str(work / "in-root.sh"), str(root), str(deb), str(out)],
+                          capture_output=True, text=True, timeout=600)
+    logs = {p.name: p.read_text(errors="replace") for p in out.iterdir()}
+    assert done.returncode == 0, (done.stderr[-3000:], {k: v[-1500:] for k, v in logs.items()})
+    return logs
+
+
+def test_apt_installs_it_into_a_fresh_debian_root_and_its_doctor_runs(
+        lived: Dict[str, str]) -> None:
+    assert "Setting up execguard" in lived["install.log"], lived["install.log"][-2000:]
+    assert lived["doctor.rc"].strip() in ("0", "1"), lived["doctor.err"]
+    rep = json.loads(lived["doctor.json"])
+    programs = rep["probes"]["bpf-programs"]
+    assert programs["ok"] and " in /opt/execguard/lib/python3" in programs["detail"], programs
+    # the root has no kernel headers: doctor says so instead of offering a BCC backend
+    assert rep["backend"]["chosen"] in ("fanotify-exec", "bpf-lsm"), rep["backend"]
+
+
+def test_an_upgrade_keeps_state_and_conffile_a_removal_keeps_them_a_purge_does_not(
+        lived: Dict[str, str]) -> None:
+    life = lived["life"].split("== ")
+    upgraded, removed, purged = (part.split("\n", 1)[1] for part in life[1:])
+    assert "/opt/execguard/bin/execguard" in upgraded
+    assert "policy-version.json" in upgraded
+    assert 'EXECGUARD_OPTS="--quiet --mine"' in upgraded  # the admin's edit, not the shipped
+    assert "/opt/execguard/bin/execguard" not in removed
+    assert "/etc/default/execguard" in removed and "policy-version.json" in removed
+    assert purged.strip() == "", purged
