@@ -6,7 +6,7 @@ EXECGUARD := $(VENV)/bin/execguard
 RESULTS ?= test-results
 
 .PHONY: help setup setup-test run demo doctor test host-test lint unit bench clean vagrant-validate
-.PHONY: install uninstall deb
+.PHONY: install uninstall deb rpm
 
 help:
 	@echo "make run     install what is missing, then run the agent in the foreground (default policy)"
@@ -19,6 +19,7 @@ help:
 	@echo "make install the agent in \$$(PREFIX) (/opt/execguard) + execguard.service (docs/service.md);"
 	@echo "             DESTDIR, PREFIX, UNITDIR, SYSCONFDIR respected; make uninstall"
 	@echo "make deb     a Debian package of the same install in dist/ (docs/packaging.md)"
+	@echo "make rpm     an RPM of it (rpmbuild), for building on the RPM release you deploy to"
 
 setup:
 	@./scripts/setup.sh
@@ -69,6 +70,9 @@ uninstall:
 
 deb: setup
 	@./scripts/build-deb.sh
+
+rpm: setup
+	@./scripts/build-rpm.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(RESULTS) *.egg-info dist

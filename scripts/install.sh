@@ -42,8 +42,8 @@ do_install() {
     [ -n "$DESTDIR" ] && compile=(--no-compile)  # bytecode would name the staging path
     # shellcheck disable=SC2086  # PIP_OPTS is a list of options
     "$ROOT/bin/pip" install --quiet --disable-pip-version-check "${compile[@]}" $PIP_OPTS .
-    if [ -n "$DESTDIR" ]; then  # scripts and activate name the venv's final place
-        grep -rlI -- "$ROOT" "$ROOT/bin" | while read -r f; do
+    if [ -n "$DESTDIR" ]; then  # scripts, activate and pyvenv.cfg name the venv's final place
+        grep -rlI -- "$ROOT" "$ROOT/bin" "$ROOT/pyvenv.cfg" | while read -r f; do
             sed -i "s#$ROOT#$PREFIX#g" "$f"
         done
     fi
@@ -61,6 +61,8 @@ do_install() {
     install -D -m 0644 packaging/execguard.default "$DESTDIR$DOCDIR/execguard.default"
     install -D -m 0644 docs/service.md "$DESTDIR$DOCDIR/service.md"
     install -D -m 0644 packaging/policy-enforce.toml "$DESTDIR$DOCDIR/policy-enforce.toml"
+    # the service steps the Debian and RPM packages' scripts take (docs/packaging.md)
+    install -D -m 0755 packaging/service-ctl "$ROOT/share/execguard/service-ctl"
     install -d -m 0755 "$DESTDIR$SYSCONFDIR/execguard/keys"
     if manager; then
         systemctl daemon-reload
