@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
-from typing import List, Optional
+from typing import List, NoReturn, Optional
 
 from agent import __version__
 from agent.cli.exits import EXIT_OK, TABLE, with_table
@@ -27,8 +28,20 @@ VERBS = {
 
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error on a command line that asked for --json is also one JSON
+    object on stdout, as every other error of every verb is (README, "Exit codes")."""
+
+    json_asked = False  # set by main() from the raw command line, before parsing
+
+    def error(self, message: str) -> NoReturn:
+        if Parser.json_asked:
+            print(json.dumps({"error": f"{self.prog}: {message}"}))
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="execguard",
         description="Let a Go binary execute only when a cosign/Sigstore signature the host "
         "trusts covers it.",
@@ -59,6 +72,7 @@ def _tables(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
+    Parser.json_asked = "--json" in (sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     try:
         return int(args.run(args))

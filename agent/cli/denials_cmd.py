@@ -101,8 +101,11 @@ def add_parser(sub: Any) -> None:
                    help="the policy that decided (found by digest otherwise)")
 
 
-def _err(message: str) -> int:
+def _err(message: str, as_json: bool = False) -> int:
+    """An error: the line on stderr, and with --json one object on stdout, like every verb."""
     print(f"execguard denials: error: {message}", file=sys.stderr)
+    if as_json:
+        print(json.dumps({"error": message}))
     return EXIT_ERROR
 
 
@@ -143,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
             return _follow(args, log_dir, query)
         return _list(args, log_dir, query)
     except (FilterError, ExecguardError) as exc:
-        return _err(str(exc))
+        return _err(str(exc), bool(getattr(args, "json", False)))
 
 
 def _list(args: argparse.Namespace, log_dir: str, query: Query) -> int:
@@ -241,8 +244,11 @@ def _explain(args: argparse.Namespace) -> int:
     rec = find_record(read_log(log_dir, problems), args.id)
     problems.finish()
     if rec is None:
-        print(f"execguard denials: no record {args.id!r} (an id or a unique prefix of 8+ "
-              f"characters) in {log_dir}", file=sys.stderr)
+        missing = (f"no record {args.id!r} (an id or a unique prefix of 8+ characters) in "
+                   f"{log_dir}")
+        print(f"execguard denials: {missing}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"error": missing}))
         return EXIT_ERROR if problems.unreadable else EXIT_NONE
     loaders: List[Any] = []
     if args.policy:

@@ -67,9 +67,11 @@ def add_parser(sub: Any) -> None:
                          "an error (unreadable key directory, impossible threshold). Reasons: "
                          + _REASONS)
     v.add_argument("bundle", metavar="BUNDLE")
-    v.add_argument("--keys", default=DEFAULT_KEYS, metavar="DIR",
+    # the names `execguard run` and `policy whatif` use; --keys and --threshold still work
+    v.add_argument("--policy-keys", "--keys", dest="keys", default=DEFAULT_KEYS, metavar="DIR",
                    help=f"pinned policy root keys, *.pub/*.pem (default {DEFAULT_KEYS})")
-    v.add_argument("--threshold", type=_positive, default=1, metavar="M",
+    v.add_argument("--policy-threshold", "--threshold", dest="threshold", type=_positive,
+                   default=1, metavar="M",
                    help="distinct pinned keys that must have signed (default 1)")
     v.add_argument("--min-version", type=int, metavar="N",
                    help="refuse versions below N (rollback); a host uses its applied + 1")
@@ -204,7 +206,7 @@ def run_verify(args: argparse.Namespace) -> int:
     try:
         now = parse_time(args.at) if args.at else datetime.now(timezone.utc)
         pinned = load_pinned(args.keys)
-        check_threshold(args.threshold, pinned, f"--keys {args.keys}")
+        check_threshold(args.threshold, pinned, f"--policy-keys {args.keys}")
         data = read_bundle_file(args.bundle)
     except (ExecguardError, ValueError) as exc:
         return _fail(args, "verify", exc)

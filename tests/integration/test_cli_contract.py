@@ -10,6 +10,7 @@ nothing of the host's is touched. Its scope is a tmpfs made in that namespace.
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from typing import Any, Dict, List
 
 import pytest
 
-from agent.cli import VERBS
+from agent.cli import VERBS, build_parser
 from agent.cli.exits import TABLE
 from tests.agent_fixtures import REPO, cli
 
@@ -53,6 +54,32 @@ def test_no_agent_is_exit_3_on_every_verb_that_needs_one(tmp_path: Path, verb: L
             assert str(missing) in reply["error"]
         else:
             assert done.stdout == "" and "no agent" in done.stderr, done
+
+
+# every verb with --json, each given input it must refuse (a file that does not exist)
+JSON_ERRORS: List[List[str]] = [
+    ["verify", "{missing}"],
+    ["goinfo", "{missing}"],
+    ["policy", "verify", "{missing}", "--keys", "{tmp}"],
+    ["policy", "lint", "{missing}"],
+    ["policy", "diff", "{missing}", "{missing}"],
+    ["policy", "whatif", "{missing}"],
+    ["denials", "--log-dir", "{missing}"],
+    ["denials", "explain", "abcdef0123", "--log-dir", "{missing}"],
+    ["breakglass", "issue", "--host", "not-a-host-id", "--seconds", "60", "--reason", "r",
+     "--key", "{missing}"],
+    ["stop", "--token", "{missing}"],
+    ["doctor", "--backend", "bpf-lsm", "--probe-timeout", "0"],
+]
+
+
+@pytest.mark.parametrize("verb", JSON_ERRORS, ids=lambda v: " ".join(v[:2]))
+def test_every_json_error_is_one_object_on_stdout(tmp_path: Path, verb: List[str]) -> None:
+    args = [a.format(missing=tmp_path / "missing", tmp=tmp_path) for a in verb]
+    done = cli(*args, "--json")
+    assert done.returncode == 2, done
+    reply = json.loads(done.stdout)  # the whole of stdout is one JSON object
+    assert isinstance(reply, dict) and reply.get("error"), done.stdout
 
 
 @pytest.mark.parametrize("verb", sorted(set(VERBS)))
@@ -120,3 +147,33 @@ def test_an_agent_started_with_the_default_flags_is_found_by_every_verb_with_the
     assert out["denials"]["rc"] in (0, 1), out["denials"]  # it found the agent's log dir
     assert "control.sock" in out["run"] and "control.sock" not in out["state"], out
     assert out["agent_rc"] == 0
+
+
+def _parsers() -> Dict[str, argparse.ArgumentParser]:
+    """Every verb's parser by its full name ("policy apply", "breakglass end", ...)."""
+    out: Dict[str, argparse.ArgumentParser] = {}
+
+    def walk(prefix: str, parser: argparse.ArgumentParser) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(f"{prefix} {name}".strip(), sub)
+        out[prefix] = parser
+
+    walk("", build_parser())
+    return out
+
+
+def _options(parser: argparse.ArgumentParser) -> List[str]:
+    return [o for action in parser._actions for o in action.option_strings]
+
+
+def test_flags_that_name_the_same_thing_have_the_same_name_on_every_verb() -> None:
+    parsers = _parsers()
+    for verb in ("status", "stop", "breakglass apply", "breakglass status", "breakglass end",
+                 "policy apply", "denials", "denials explain", "policy whatif", "run"):
+        assert {"--state-dir", "--socket"} <= set(_options(parsers[verb])), verb
+    for verb in ("run", "policy verify", "policy whatif"):
+        assert "--policy-keys" in _options(parsers[verb]), verb
+    for verb in ("run", "policy verify"):
+        assert "--policy-threshold" in _options(parsers[verb]), verb
