@@ -13,6 +13,7 @@ from typing import Any, Dict, Optional
 from agent.errors import InputError, MalformedInput
 
 MACHINE_ID_PATH = "/etc/machine-id"
+BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"  # new at every boot: which run of the host
 _MACHINE_ID = re.compile(r"[0-9a-f]{32}\Z")
 _HOSTNAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,252})\Z")
 
@@ -62,9 +63,15 @@ def local_host_id(machine_id_path: str = MACHINE_ID_PATH) -> HostId:
 
 @functools.lru_cache(maxsize=1)
 def record_host() -> Dict[str, Optional[str]]:
-    """The host as records name it, read once per process: ``machine_id`` is null where
-    there is none (a container, a fresh image), the hostname is always there."""
+    """The host as records name it, read once per process: hostname, machine-id (null where
+    there is none: a container, a fresh image) and boot id (which boot of it)."""
     try:
-        return dict(local_host_id().to_json())
+        host: Dict[str, Optional[str]] = dict(local_host_id().to_json())
     except (InputError, MalformedInput):
-        return {"hostname": socket.gethostname(), "machine_id": None}
+        host = {"hostname": socket.gethostname(), "machine_id": None}
+    try:
+        with open(BOOT_ID_PATH, encoding="ascii") as fh:
+            host["boot_id"] = fh.read(64).strip() or None
+    except OSError:
+        host["boot_id"] = None
+    return host

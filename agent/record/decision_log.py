@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
+from agent import __version__
 from agent.decision import Decision, Enforcement, ExecEvent, FileIdentity, Source
 from agent.errors import MalformedInput, Reason
 from agent.hostid import record_host
@@ -72,6 +73,7 @@ def to_json(record_id: str, d: Decision,
         "time": _iso(ev.timestamp_ns),
         "time_ns": ev.timestamp_ns,
         "host": host if host is not None else record_host(),
+        "agent_version": __version__,
         "decision": "allow" if d.allow else "deny",
         "reason": d.reason.value,
         "detail": d.detail,
@@ -226,7 +228,8 @@ def _host(r: _Reader, obj: Dict[str, Any]) -> Optional[Dict[str, Optional[str]]]
     if host is None:
         return None
     return {"hostname": r.typed(host, "hostname", str),
-            "machine_id": r.typed(host, "machine_id", str, True)}
+            "machine_id": r.typed(host, "machine_id", str, True),
+            "boot_id": r.typed(host, "boot_id", str, True)}
 
 
 def from_line(text: bytes, path: str = "<record>", line: int = 0) -> LoggedDecision:

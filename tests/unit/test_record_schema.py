@@ -23,9 +23,9 @@ from agent.record.decision_log import (
 )
 from tests.record_fixtures import make_decision
 
-TOP_KEYS = ["v", "id", "time", "time_ns", "host", "decision", "reason", "detail", "enforcement",
-            "source", "event", "sha256", "evidence", "rule_id", "policy_version",
-            "policy_digest", "go", "latency_us", "extra"]
+TOP_KEYS = ["v", "id", "time", "time_ns", "host", "agent_version", "decision", "reason",
+            "detail", "enforcement", "source", "event", "sha256", "evidence", "rule_id",
+            "policy_version", "policy_digest", "go", "latency_us", "extra"]
 
 
 def test_documented_shape() -> None:
@@ -110,7 +110,8 @@ def test_records_name_the_host_that_wrote_them_and_older_records_still_read() ->
     reads with no host, and a malformed host names the field."""
     obj = to_json("h1", make_decision(1), host={"hostname": "web-7", "machine_id": None})
     assert from_json(json.loads(json.dumps(obj))).host == {"hostname": "web-7",
-                                                           "machine_id": None}
+                                                           "machine_id": None,
+                                                           "boot_id": None}
     del obj["host"]
     assert from_json(obj).host is None
     obj["host"] = {"hostname": 7}
