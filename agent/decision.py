@@ -11,7 +11,7 @@ from agent.verify.model import Evidence
 
 
 class Enforcement(str, Enum):
-    """The enforcement that really applied (ARCHITECTURE.md decision 5). A public contract."""
+    """The enforcement that really applied (docs/architecture.md decision 5). A public contract."""
 
     LSM_DENY = "lsm-deny"
     FMOD_RET_DENY = "fmod-ret-deny"

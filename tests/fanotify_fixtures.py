@@ -1,5 +1,5 @@
 """Fixtures for the fanotify backend tests: a private tmpfs, a responder process, and the
-liveness probe that ARCHITECTURE.md asks of every permission-event test.
+liveness probe that docs/architecture.md asks of every permission-event test.
 
 The backend runs in a forked child (the responder), so the test process can SIGSTOP and
 SIGKILL it, and so the test's own execs are not the responder's descendants (which the

@@ -3,7 +3,7 @@
 A runner wraps a sensor (fanotify permission events, or the BCC exec sensor) and turns
 what it sees into Decisions through the shared Decider. ``start_backend`` walks the
 preference order from the chosen backend down, and a runner whose self-test fails is
-skipped with its reason (ARCHITECTURE.md decision 5). The BPF LSM runner (issue 4) plugs
+skipped with its reason (docs/architecture.md decision 5). The BPF LSM runner (issue 4) plugs
 into the same ``Runner`` protocol.
 """
 

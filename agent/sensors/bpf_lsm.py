@@ -1,7 +1,7 @@
 """The BPF LSM backend (exec_lsm.c): the kernel denies an untrusted exec with EPERM.
 
 ``bprm_check_security`` reads the verdict map that user space fills; it never waits for
-Python (ARCHITECTURE.md decision 3). Only files on devices in scope are ever denied. The
+Python (docs/architecture.md decision 3). Only files on devices in scope are ever denied. The
 program uses no ``bpf_probe_read_kernel*`` (decision 2), so it loads under
 ``lockdown=confidentiality``: struct offsets come from this kernel's BTF as ``-D`` cflags,
 and the C side reads them with typed direct loads.

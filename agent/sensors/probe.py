@@ -1,7 +1,7 @@
 """Feature probes and the enforcement-backend choice.
 
 Every probe answers by doing the thing (read the file, make the syscall, load the program),
-never from a kernel version number (ARCHITECTURE.md decision 5). Probes are memoized per
+never from a kernel version number (docs/architecture.md decision 5). Probes are memoized per
 process, never raise, and undo what they did. ``choose_backend`` is pure: it sees only
 ProbeResults, so tests can hand it any host they can imagine.
 """

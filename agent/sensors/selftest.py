@@ -1,4 +1,4 @@
-"""The start-up self-test of the kill sensor (ARCHITECTURE.md decision 5).
+"""The start-up self-test of the kill sensor (docs/architecture.md decision 5).
 
 1. Identity: exec a canary (a copy of ``echo``) on a private tmpfs and check that the
    record the kernel sent matches the child (pid, ppid, uid, auid, comm, path) and

@@ -1,5 +1,5 @@
 """`execguard run` with the fanotify backend in enforce mode, scoped to a tmpfs the test owns:
-real fanotify, real auditd, real signed Go binaries (ARCHITECTURE.md decision 5 order)."""
+real fanotify, real auditd, real signed Go binaries (docs/architecture.md decision 5 order)."""
 
 from __future__ import annotations
 

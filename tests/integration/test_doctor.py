@@ -1,4 +1,4 @@
-"""`execguard doctor` on this host: the real probes, and the facts ARCHITECTURE.md records.
+"""`execguard doctor` on this host: the real probes, and the facts docs/architecture.md records.
 
 The dev/CI host is Debian 12 in a Firecracker VM on kernel 6.18, lockdown forced to
 integrity, bpf in the LSM list. There, BPF LSM and fmod_ret loads fail with EPERM, fanotify
@@ -86,7 +86,7 @@ def test_structure_and_host_facts(full: Tuple[int, Dict[str, Any], float]) -> No
     probes = rep["probes"]
     assert probes["securityfs"]["ok"] and probes["tracefs"]["ok"]
     assert probes["btf"]["ok"] == os.path.exists("/sys/kernel/btf/vmlinux")
-    # ARCHITECTURE.md, "The machines we build and test on"
+    # docs/architecture.md, "The machines behind the figures"
     assert rep["lockdown"] == "integrity"
     assert "bpf" in rep["lsm"] and probes["lsm"]["ok"]
     assert probes["fanotify-exec"]["ok"], probes["fanotify-exec"]
