@@ -6,7 +6,7 @@ EXECGUARD := $(VENV)/bin/execguard
 RESULTS ?= test-results
 
 .PHONY: help setup setup-test run demo doctor test host-test lint unit bench clean vagrant-validate
-.PHONY: install uninstall deb rpm
+.PHONY: install uninstall deb rpm cli-docs
 
 help:
 	@echo "make run     install what is missing, then run the agent in the foreground (default policy)"
@@ -38,7 +38,7 @@ doctor: setup
 	@$(EXECGUARD) doctor
 
 lint: setup-test
-	$(VENV)/bin/ruff check agent tests bench
+	$(VENV)/bin/ruff check agent tests bench scripts
 	$(VENV)/bin/mypy
 
 # The whole suite: lint, the host tests, then the lockdown suite in the test VM (vm.mk).
@@ -60,13 +60,19 @@ bench: setup-test
 PREFIX ?= /opt/execguard
 UNITDIR ?= /etc/systemd/system
 SYSCONFDIR ?= /etc
-INSTALL_ENV = DESTDIR="$(DESTDIR)" PREFIX="$(PREFIX)" UNITDIR="$(UNITDIR)" SYSCONFDIR="$(SYSCONFDIR)"
+DATADIR ?= /usr/local/share
+INSTALL_ENV = DESTDIR="$(DESTDIR)" PREFIX="$(PREFIX)" UNITDIR="$(UNITDIR)" SYSCONFDIR="$(SYSCONFDIR)" \
+	DATADIR="$(DATADIR)"
 
 install: setup
 	@$(INSTALL_ENV) ./scripts/install.sh install
 
 uninstall:
 	@$(INSTALL_ENV) ./scripts/install.sh uninstall
+
+# the man page and bash completion from the argparse parsers (kept in packaging/)
+cli-docs: setup-test
+	$(PY) scripts/cli_docs.py
 
 deb: setup
 	@./scripts/build-deb.sh

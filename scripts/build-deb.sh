@@ -24,7 +24,7 @@ trap 'rm -rf "$stage"' EXIT
 log "staging the install (venv, unit, defaults) in $stage"
 # --ignore-installed: every Python dependency inside the venv, whatever the build host has;
 # only bcc and audit come from the distro (they are not on PyPI), as Depends say
-DESTDIR=$stage PREFIX=/opt/execguard UNITDIR=/lib/systemd/system SYSCONFDIR=/etc \
+DESTDIR=$stage PREFIX=/opt/execguard UNITDIR=/lib/systemd/system SYSCONFDIR=/etc DATADIR=/usr/share \
     PIP_OPTS="--ignore-installed" PYTHON="$PY" ./scripts/install.sh install
 
 # byte code compiled in the staging tree (the venv's own pip) names the staging path

@@ -10,6 +10,7 @@ DESTDIR=${DESTDIR:-}
 PREFIX=${PREFIX:-/opt/execguard}
 UNITDIR=${UNITDIR:-/etc/systemd/system}
 SYSCONFDIR=${SYSCONFDIR:-/etc}
+DATADIR=${DATADIR:-/usr/local/share}  # the man page and bash completion (packages: /usr/share)
 PY=${PYTHON:-/usr/bin/python3}  # the distro interpreter: its bcc and audit bindings import
 PIP_OPTS=${PIP_OPTS:-}
 DOCDIR=$PREFIX/share/doc/execguard
@@ -63,6 +64,9 @@ do_install() {
     install -D -m 0644 packaging/policy-enforce.toml "$DESTDIR$DOCDIR/policy-enforce.toml"
     # the service steps the Debian and RPM packages' scripts take (docs/packaging.md)
     install -D -m 0755 packaging/service-ctl "$ROOT/share/execguard/service-ctl"
+    install -D -m 0644 packaging/man/execguard.1 "$DESTDIR$DATADIR/man/man1/execguard.1"
+    install -D -m 0644 packaging/completion/execguard.bash \
+        "$DESTDIR$DATADIR/bash-completion/completions/execguard"
     install -d -m 0755 "$DESTDIR$SYSCONFDIR/execguard/keys"
     if manager; then
         systemctl daemon-reload
@@ -76,7 +80,8 @@ do_uninstall() {
     if manager && systemctl list-unit-files execguard.service >/dev/null 2>&1; then
         systemctl disable --now execguard.service || true
     fi
-    rm -f "$UNIT"
+    rm -f "$UNIT" "$DESTDIR$DATADIR/man/man1/execguard.1" \
+        "$DESTDIR$DATADIR/bash-completion/completions/execguard"
     manager && systemctl daemon-reload
     # only a venv this script made: never rm -rf an arbitrary PREFIX
     if is_our_venv; then

@@ -3,10 +3,11 @@ runs) into a temporary root, so tests run the installed venv, its ``execguard`` 
 the unit it wrote, not this checkout.
 
 ``DESTDIR`` stays empty and every directory the script writes to (``PREFIX``, ``UNITDIR``,
-``SYSCONFDIR``) is under the test's root: the venv then lives where its scripts say it does
-and runs in place. (A ``DESTDIR`` staging install cannot run before it is copied to its
-final path; tests/integration/test_service_unit.py checks that layout.) The script calls
-``systemctl daemon-reload`` only where systemd is PID 1, which it is not here.
+``SYSCONFDIR``, ``DATADIR``) is under the test's root: the venv then lives where its
+scripts say it does and runs in place. (A ``DESTDIR`` staging install cannot run before it
+is copied to its final path; tests/integration/test_service_unit.py checks that layout.)
+The script calls ``systemctl daemon-reload`` only where systemd is PID 1, which it is not
+here.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def install(root: Path) -> Installed:
     """Run the install script into ``root``; fails with the script's own output."""
     done = Installed(root, root / "opt" / "execguard")
     env = {**done.env(), "DESTDIR": "", "PREFIX": str(done.prefix),
-           "UNITDIR": str(done.unit.parent), "SYSCONFDIR": str(root / "etc")}
+           "UNITDIR": str(done.unit.parent), "SYSCONFDIR": str(root / "etc"),
+           "DATADIR": str(root / "usr" / "share")}
     proc = subprocess.run(["./scripts/install.sh", "install"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=INSTALL_TIMEOUT)
     if proc.returncode != 0:

@@ -111,6 +111,8 @@ def test_the_package_holds_the_agent_its_programs_the_unit_and_a_conffile(deb: P
     site = next(f for f in files if f.endswith("/site-packages/agent/")).rstrip("/")
     for path in ("/opt/execguard/bin/execguard", "/lib/systemd/system/execguard.service",
                  "/etc/default/execguard", "/etc/execguard/keys/",
+                 "/usr/share/man/man1/execguard.1",
+                 "/usr/share/bash-completion/completions/execguard",
                  "/opt/execguard/share/doc/execguard/policy-enforce.toml",
                  f"{site}/sensors/bpf/programs/exec_lsm.c",
                  f"{site}/sensors/bpf/programs/exec_verdict.h"):
@@ -208,7 +210,9 @@ def rpm_query(package: Path, *what: str) -> str:
 def test_the_rpm_holds_the_same_install_and_its_scriptlets_use_service_ctl(rpm: Path) -> None:
     files = set(rpm_query(rpm, "-l").split())
     for path in ("/opt/execguard/bin/execguard", "/usr/lib/systemd/system/execguard.service",
-                 "/etc/default/execguard", "/opt/execguard/share/execguard/service-ctl"):
+                 "/etc/default/execguard", "/opt/execguard/share/execguard/service-ctl",
+                 "/usr/share/man/man1/execguard.1",
+                 "/usr/share/bash-completion/completions/execguard"):
         assert path in files, path
     assert any(f.endswith("/sensors/bpf/programs/exec_lsm.c") for f in files)
     assert not [f for f in files if f.endswith(".pyc") or f.startswith(("/var/", "/run/"))]
