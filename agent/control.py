@@ -59,6 +59,9 @@ class ControlServer:
         if os.path.lexists(path):
             if not stat.S_ISSOCK(os.lstat(path).st_mode):
                 raise ControlError(f"{path}: exists and is not a socket; refusing to replace it")
+            if _answers(path):  # another agent lives there: never take its socket away
+                raise ControlError(f"{path}: another agent answers on this socket; stop it, or "
+                                   "give this one its own --socket or --state-dir")
             os.unlink(path)  # a stale socket from an agent that died
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         old = os.umask(0o177)
@@ -67,6 +70,8 @@ class ControlServer:
         finally:
             os.umask(old)
         self.sock.listen(8)
+        bound = os.lstat(path)
+        self._bound = (bound.st_dev, bound.st_ino)
         self._stop = threading.Event()
         self.accept_errors = 0
         self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
@@ -129,11 +134,25 @@ class ControlServer:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
-        try:
-            if stat.S_ISSOCK(os.lstat(self.path).st_mode):
+        try:  # only our own socket: the path may name another agent's by now
+            st = os.lstat(self.path)
+            if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == self._bound:
                 os.unlink(self.path)
         except OSError:
             pass
+
+
+def _answers(path: str) -> bool:
+    """Whether something accepts connections on ``path`` (a live agent, not a stale file)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
 
 
 def request(path: str, cmd: str = "status", timeout: float = 3.0,
@@ -172,4 +191,23 @@ def request(path: str, cmd: str = "status", timeout: float = 3.0,
 
 
 def socket_path(state_dir: Optional[str]) -> str:
+    """Where an agent started with ``--state-dir state_dir`` (or none) listens."""
     return os.path.join(state_dir, "control.sock") if state_dir else DEFAULT_SOCKET
+
+
+# Before the socket moved to /run, the shipped /etc/default/execguard told `execguard stop`
+# (the unit's ExecStop) --state-dir /var/lib/execguard. That file is a conffile an upgrade
+# keeps: an agent there now listens on DEFAULT_SOCKET and must still be found.
+OLD_DEFAULT_STATE_DIR = "/var/lib/execguard"
+
+
+def client_socket(socket: Optional[str], state_dir: Optional[str]) -> str:
+    """The socket a client verb asks: ``--socket``, else ``socket_path(--state-dir)``, with
+    the one fallback above for the old default state directory."""
+    if socket:
+        return socket
+    path = socket_path(state_dir)
+    if (state_dir and os.path.realpath(state_dir) == OLD_DEFAULT_STATE_DIR
+            and not os.path.exists(path) and os.path.exists(DEFAULT_SOCKET)):
+        return DEFAULT_SOCKET
+    return path

@@ -22,7 +22,7 @@ from agent.breakglass.token import (
 )
 from agent.cli.exits import EXIT_ERROR, EXIT_NO_AGENT, EXIT_OK
 from agent.cli.exits import EXIT_NO as EXIT_REJECTED
-from agent.control import ControlError, request, socket_path
+from agent.control import ControlError, client_socket, request
 from agent.errors import ExecguardError, InputError
 from agent.fileio import read_small_file
 
@@ -235,7 +235,7 @@ def _read_token(path: str) -> str:
 
 
 def _ask(args: argparse.Namespace, cmd: str, **fields: Any) -> Dict[str, Any]:
-    return request(args.socket or socket_path(args.state_dir), cmd, timeout=args.timeout,
+    return request(client_socket(args.socket, args.state_dir), cmd, timeout=args.timeout,
                    **fields)
 
 

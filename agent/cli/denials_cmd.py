@@ -18,7 +18,7 @@ from typing import Any, Callable, List, Optional, TextIO
 from agent.cli.exits import EXIT_ERROR
 from agent.cli.exits import EXIT_NO as EXIT_NONE
 from agent.cli.exits import EXIT_OK as EXIT_MATCH
-from agent.control import socket_path
+from agent.control import client_socket
 from agent.errors import ExecguardError
 from agent.policy import PolicySnapshot, default_policy, load_policy
 from agent.record import LoggedDecision, read_log
@@ -111,7 +111,7 @@ def _err(message: str, as_json: bool = False) -> int:
 
 def _locate(args: argparse.Namespace, asked: bool = False,
             reply: Optional[Any] = None) -> str:
-    socket = args.socket or socket_path(args.state_dir)
+    socket = client_socket(args.socket, args.state_dir)
     where = locate_log_dir(args.log_dir, socket, INSTALLED_POLICY, asked, reply)
     print(f"execguard denials: reading {where.log_dir} ({where.how})", file=sys.stderr)
     if not os.path.isdir(where.log_dir):
@@ -236,7 +236,7 @@ def _follow(args: argparse.Namespace, log_dir: str, query: Query) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    socket = args.socket or socket_path(args.state_dir)
+    socket = client_socket(args.socket, args.state_dir)
     # the agent knows its log directory and its policy file; ask only if one is missing
     reply = ask_agent(socket) if not (args.log_dir and args.policy) else None
     log_dir = _locate(args, asked=True, reply=reply)

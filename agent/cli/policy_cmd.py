@@ -262,13 +262,13 @@ def run_diff(args: argparse.Namespace) -> int:
 
 
 def run_apply(args: argparse.Namespace) -> int:
-    from agent.control import ControlError, request, socket_path
+    from agent.control import ControlError, client_socket, request
 
     path = os.path.abspath(args.bundle)
     if not os.path.isfile(path):
         return _fail(args, "apply", ExecguardError(f"{args.bundle}: no such bundle file"))
     try:
-        reply = request(args.socket or socket_path(args.state_dir), "policy-apply",
+        reply = request(client_socket(args.socket, args.state_dir), "policy-apply",
                         timeout=args.timeout, bundle=path)
     except ControlError as exc:
         return _fail(args, "apply", exc, EXIT_NO_AGENT)

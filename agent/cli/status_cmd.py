@@ -8,7 +8,7 @@ import sys
 from typing import Any, Dict, List
 
 from agent.cli.exits import EXIT_NO_AGENT, EXIT_OK
-from agent.control import ControlError, request, socket_path
+from agent.control import ControlError, client_socket, request
 
 
 def add_parser(sub: Any) -> None:
@@ -66,7 +66,7 @@ def render(status: Dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    path = args.socket or socket_path(args.state_dir)
+    path = client_socket(args.socket, args.state_dir)
     try:
         status = request(path, "status", timeout=args.timeout)
     except ControlError as exc:

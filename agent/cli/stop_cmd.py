@@ -11,7 +11,7 @@ from agent.breakglass.token import DEFAULT_KEYS_DIR, MAX_REASON, reason_ok
 from agent.cli.breakglass_cmd import _read_token, _socket_args
 from agent.cli.exits import EXIT_ERROR, EXIT_NO_AGENT, EXIT_OK
 from agent.cli.exits import EXIT_NO as EXIT_REJECTED
-from agent.control import ControlError, request, socket_path
+from agent.control import ControlError, client_socket, request
 from agent.errors import ExecguardError
 
 EPILOG = ("0 here: the agent accepted the token and is stopping; 1: rejected (the code is in "
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         return _fail(args, f"--why must be 1 to {MAX_REASON} printable characters on one line",
                      EXIT_ERROR)
     fields = {"why": args.why.strip()} if args.why else {}
-    path = args.socket or socket_path(args.state_dir)
+    path = client_socket(args.socket, args.state_dir)
     try:
         token = _read_token(args.token)
         reply = request(path, "stop", timeout=args.timeout, token=token, **fields)

@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional
 
 from agent.cli.exits import EXIT_ERROR, EXIT_OK
 from agent.cli.exits import EXIT_NO as EXIT_NEWLY_DENIED
-from agent.control import socket_path
+from agent.control import client_socket
 from agent.envelope import check_signatures
 from agent.errors import ExecguardError
 from agent.policy import PolicySnapshot, default_policy, load_policy
@@ -159,7 +159,7 @@ def _recorded(args: argparse.Namespace, candidate: PolicySnapshot,
 def _logs(args: argparse.Namespace) -> List[str]:
     if args.log:
         return log_paths(args.log)
-    socket = args.socket or socket_path(args.state_dir)
+    socket = client_socket(args.socket, args.state_dir)
     where = locate_log_dir(None, socket, INSTALLED_POLICY)
     print(f"{PROG}: reading {where.log_dir} ({where.how})", file=sys.stderr)
     return log_paths([where.log_dir])

@@ -17,6 +17,7 @@ from enum import Enum
 from typing import List, Optional, Tuple, Union
 
 from agent.decision import Decision, Enforcement
+from agent.errors import Reason
 from agent.hostid import record_host
 
 # <linux/audit.h>; user-space types the kernel accepts (1005, 1100-1199, 2100-2999)
@@ -129,10 +130,19 @@ def denial_message(record_id: str, d: Decision, exe: Optional[str] = None) -> Au
     return AuditMessage(AUDIT_ANOM_EXEC, " ".join(fields), d.enforcement not in BLOCKING)
 
 
+# reasons whose evidence names a signer the signature really proves: the signature and its
+# chain verified, and the policy or the trust configuration then refused that signer. For
+# the others (bad-signature, untrusted-root, tlog-invalid, ...) the identity in the evidence
+# is only what an untrusted certificate claims: an attacker's words, left out of the record.
+PROVEN_SIGNER = frozenset({Reason.OK, Reason.IDENTITY_MISMATCH, Reason.UNTRUSTED_KEY,
+                           Reason.GO_PREDICATE, Reason.POLICY_DENY, Reason.NO_RULE})
+
+
 def signer_of(d: Decision) -> Optional[str]:
-    """Who signed the file, as the decision saw it: the keyless identity, else the key."""
+    """Who signed the file, as far as the signature proves it: the keyless identity, else
+    the key's fingerprint; None when nothing proves one."""
     ev = d.evidence
-    if ev is None:
+    if ev is None or d.reason not in PROVEN_SIGNER:
         return None
     return ev.identity or ev.key_fingerprint
 

@@ -52,8 +52,15 @@ class LoggedDecision:
 
     id: str
     decision: Decision
-    # the host that wrote it ({"hostname", "machine_id"}); None in records before it existed
+    # the host and agent version that wrote it; None in records from before they existed
     host: Optional[Dict[str, Optional[str]]] = None
+    agent_version: Optional[str] = None
+
+    def to_json(self) -> Dict[str, Any]:
+        """The record as it was written: its own host and agent version, not the reader's."""
+        obj = to_json(self.id, self.decision)
+        obj["host"], obj["agent_version"] = self.host, self.agent_version
+        return obj
 
 
 def _iso(ns: int) -> str:
@@ -63,8 +70,9 @@ def _iso(ns: int) -> str:
 
 def to_json(record_id: str, d: Decision,
             host: Optional[Dict[str, Optional[str]]] = None) -> Dict[str, Any]:
-    """The schema-v1 object for one Decision (field order is the documented order); ``host``:
-    this host (agent/hostid.py) unless given."""
+    """The schema-v1 object for one Decision as this agent writes it (field order is the
+    documented order): ``host`` is this host (agent/hostid.py) unless given, the version is
+    this agent's. A record read back re-serializes with ``LoggedDecision.to_json``."""
     ev = d.event
     ident = ev.identity
     return {
@@ -220,7 +228,8 @@ def from_json(obj: Any, path: str = "<record>", line: int = 0) -> LoggedDecision
         latency_us=r.typed(obj, "latency_us", int, True),
         extra=r.typed(obj, "extra", dict, True) or {},
     )
-    return LoggedDecision(r.typed(obj, "id", str), decision, _host(r, obj))
+    return LoggedDecision(r.typed(obj, "id", str), decision, _host(r, obj),
+                          r.typed(obj, "agent_version", str, True))
 
 
 def _host(r: _Reader, obj: Dict[str, Any]) -> Optional[Dict[str, Optional[str]]]:

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from typing import Any, Dict, Iterable, List, Optional
 
 from agent.decision import Decision
-from agent.record import LoggedDecision, to_json
+from agent.record import LoggedDecision
 from agent.review.output import iso_time, printable
 from agent.review.query import verdict_label
 from agent.review.reproduce import Reproduction
@@ -118,7 +118,7 @@ def explain_text(rec: LoggedDecision, repro: Reproduction) -> str:
 
 def explain_json(rec: LoggedDecision, repro: Reproduction) -> Dict[str, Any]:
     return {
-        "record": to_json(rec.id, rec.decision),
+        "record": rec.to_json(),
         "decision": verdict_label(rec.decision),
         "file_now": file_now(rec.decision),
         "verify": {"argv": repro.argv, "command": shlex.join(repro.argv),

@@ -15,7 +15,7 @@ from collections import Counter
 from datetime import datetime, timezone
 from typing import Any, Dict, Iterable, List, Sequence, TextIO
 
-from agent.record import LoggedDecision, to_json
+from agent.record import LoggedDecision
 from agent.review.query import module_label, signer_label, verdict_label
 
 TABLE_COLUMNS = ("ID", "TIME", "DECISION", "ENFORCEMENT", "REASON", "UID", "SIGNER/MODULE",
@@ -76,7 +76,7 @@ def table_line_stream(rec: LoggedDecision) -> str:
 
 def json_line(rec: LoggedDecision) -> str:
     """One record as the log's own schema-v1 object, on one line."""
-    return json.dumps(to_json(rec.id, rec.decision), ensure_ascii=False,
+    return json.dumps(rec.to_json(), ensure_ascii=False,
                       separators=(",", ":"), default=str)
 
 

@@ -220,14 +220,20 @@ def test_the_rpm_holds_the_same_install_and_its_scriptlets_use_service_ctl(rpm: 
     requires = rpm_query(rpm, "--requires")
     for need in ("python(abi) = 3.", "python3-bcc", "python3-audit"):
         assert need in requires, requires
-    scripts = rpm_query(rpm, "--scripts")
-    # an upgrade installs the new package before the old one's %preun: stopping happens on
-    # erase only, and the restart after an upgrade is %postun's
-    assert 'if [ "$1" -eq 1 ]; then /opt/execguard/share/execguard/service-ctl installed first' \
-        in scripts
-    assert 'if [ "$1" -eq 0 ]; then /opt/execguard/share/execguard/service-ctl stopping remove' \
-        in scripts
-    assert "/opt/execguard/share/execguard/service-ctl upgraded" in scripts
+    scripts = {block.split(" scriptlet")[0]: block for block in
+               rpm_query(rpm, "--scripts").split("\n") if " scriptlet" in block}
+    text = rpm_query(rpm, "--scripts")
+    # RPM runs the new %pre, unpacks, then the old %preun: the old agent must be stopped in
+    # %pre (with its token where it keeps enforcing, or the upgrade fails there), started
+    # again in %posttrans; an erase stops it in %preun
+    assert {"preinstall", "postinstall", "preuninstall", "postuninstall",
+            "posttrans"} <= set(scripts), scripts
+    ctl = "/opt/execguard/share/execguard/service-ctl"
+    assert f'if [ "$1" -ge 2 ] && [ -x {ctl} ]; then {ctl} stopping upgrade || exit 1; fi' \
+        in text
+    assert f'if [ "$1" -eq 1 ]; then {ctl} installed first; fi' in text
+    assert f'if [ "$1" -eq 0 ]; then {ctl} stopping remove; fi' in text
+    assert f"{ctl} installed upgrade" in text
 
 
 def test_rpm_installs_upgrades_and_erases_it_keeping_state_and_conffile(

@@ -15,6 +15,7 @@ from typing import Dict, Iterator
 import pytest
 
 from agent.decision import Enforcement
+from agent.errors import Reason
 from agent.hostid import record_host
 from agent.record import (
     Recorder,
@@ -74,7 +75,9 @@ def test_auto_prefers_the_binding() -> None:
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_denial_shows_in_ausearch_and_aureport(auditd: Auditd, transport: str,
                                                tmp_path: Path) -> None:
-    d = make_decision(1, comm="my tool", path="/srv/app dir/bin/wé'rd")
+    # a verified signer the policy does not accept: the record names it (signer=)
+    d = make_decision(1, comm="my tool", path="/srv/app dir/bin/wé'rd",
+                      reason=Reason.IDENTITY_MISMATCH)
     monitor = make_decision(2, path="/srv/app/bin/plain", enforcement=Enforcement.MONITOR)
     rec = Recorder(RecorderConfig(str(tmp_path), audit=transport))
     rec.start()
@@ -99,7 +102,7 @@ def test_denial_shows_in_ausearch_and_aureport(auditd: Auditd, transport: str,
     assert (f["opid"], f["oppid"]) == (str(d.event.pid), str(d.event.ppid))
     assert f["dev"] == "fe:01" and f["inode"] == str(d.event.identity.ino)
     assert f["sha256"] == d.sha256
-    assert (f["reason"], f["enforcement"]) == ("no-signature", "fanotify-deny")
+    assert (f["reason"], f["enforcement"]) == ("identity-mismatch", "fanotify-deny")
     assert (f["policy_version"], f["rule_id"]) == ("7", "go-release")
     # fields auparse does not know stay as sent (quoted), which is what a collector parses
     assert d.evidence is not None and f["signer"] == f'"{d.evidence.identity}"'

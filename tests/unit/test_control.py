@@ -114,3 +114,46 @@ def test_an_fd_shortage_never_ends_the_server(tmp_path: Path) -> None:
         assert server.accept_errors == 3
     finally:
         server.close()
+
+
+def test_clients_find_the_agent_with_the_same_flags_it_was_started_with(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent import control
+
+    default = tmp_path / "run" / "control.sock"
+    old_state = tmp_path / "var-lib-execguard"
+    monkeypatch.setattr(control, "DEFAULT_SOCKET", str(default))
+    monkeypatch.setattr(control, "OLD_DEFAULT_STATE_DIR", str(old_state))
+    assert control.client_socket("/x.sock", "/ignored") == "/x.sock"
+    assert control.client_socket(None, None) == str(default)
+    assert control.client_socket(None, "/srv/eg") == "/srv/eg/control.sock"
+    # the old shipped EXECGUARD_STOP_OPTS named the old default state directory: an agent
+    # on the new default socket is found there, and only there and only then
+    old_state.mkdir()
+    default.parent.mkdir()
+    assert control.client_socket(None, str(old_state)) == str(old_state / "control.sock")
+    default.touch()
+    assert control.client_socket(None, str(old_state)) == str(default)
+    (old_state / "control.sock").touch()  # an agent really started with that state dir
+    assert control.client_socket(None, str(old_state)) == str(old_state / "control.sock")
+
+
+def test_a_second_agent_never_takes_or_removes_a_live_agents_socket(tmp_path: Path) -> None:
+    path = str(tmp_path / "control.sock")
+    first = ControlServer(path, lambda req: {"state": "first"})
+    first.start()
+    try:
+        with pytest.raises(ControlError, match="another agent answers on this socket"):
+            ControlServer(path, lambda req: {"state": "second"})
+        assert request(path)["state"] == "first"
+        # a later socket at the path (the first one's was replaced) is not the first's to
+        # remove when it closes
+        os.unlink(path)
+        second = ControlServer(path, lambda req: {"state": "second"})
+        second.start()
+        first.close()
+        assert request(path)["state"] == "second"
+        second.close()
+        assert not os.path.exists(path)
+    finally:
+        first.close()

@@ -10,6 +10,7 @@ import audit as libaudit
 import pytest
 
 from agent.decision import Enforcement
+from agent.errors import Reason
 from agent.hostid import record_host
 from agent.record.audit_format import (
     AUDIT_ANOM_EXEC,
@@ -126,7 +127,7 @@ def test_dev_uses_the_kernel_notation() -> None:
 def test_a_denial_names_its_signer_and_the_host() -> None:
     """A wrong signer is why a signed file was denied; collected from many hosts, each record
     says which one (auditd's node= needs name_format set, which hosts often lack)."""
-    d = make_decision(1)
+    d = make_decision(1, reason=Reason.IDENTITY_MISMATCH)
     assert d.evidence is not None and d.evidence.identity
     f = _body_fields(denial_message("x", d).body)
     assert f["signer"] == f'"{d.evidence.identity}"'
@@ -134,3 +135,7 @@ def test_a_denial_names_its_signer_and_the_host() -> None:
     assert f["host"] == f'"{host["hostname"]}:{host["machine_id"] or "?"}"'
     unsigned = _body_fields(denial_message("x", make_decision(1, full=False)).body)
     assert unsigned["signer"] == "?"
+    # a certificate that did not verify proves no signer: its SAN is the attacker's words
+    for reason in (Reason.UNTRUSTED_ROOT, Reason.BAD_SIGNATURE, Reason.TLOG_INVALID):
+        forged = _body_fields(denial_message("x", make_decision(1, reason=reason)).body)
+        assert forged["signer"] == "?", reason

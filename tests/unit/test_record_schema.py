@@ -117,3 +117,18 @@ def test_records_name_the_host_that_wrote_them_and_older_records_still_read() ->
     obj["host"] = {"hostname": 7}
     with pytest.raises(LogFormatError, match="field 'hostname' must be str"):
         from_json(obj)
+
+
+def test_a_record_read_back_keeps_the_host_and_version_that_wrote_it() -> None:
+    """`denials --json` and `denials explain` on a fleet's logs show the writer's host and
+    version, never the reviewer's."""
+    other = {"hostname": "fleet-host-a", "machine_id": "0" * 32, "boot_id": "b"}
+    obj = to_json("r1", make_decision(1), host=other)
+    obj["agent_version"] = "0.0.9"
+    back = from_json(json.loads(json.dumps(obj)))
+    again = back.to_json()
+    assert again["host"] == other and again["agent_version"] == "0.0.9"
+    assert list(again) == TOP_KEYS
+    del obj["host"], obj["agent_version"]  # a record from before both existed
+    old = from_json(obj).to_json()
+    assert old["host"] is None and old["agent_version"] is None

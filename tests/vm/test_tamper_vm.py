@@ -41,6 +41,7 @@ from tests.agent_fixtures import RunningAgent, cli, exec_file, keygen, running_a
 from tests.policy_fixtures import Material, copy_signed
 from tests.rearm_fixtures import write_policy
 from tests.record_fixtures import Auditd, auditd_running, wait_in_log
+from tests.vm.guest_env import load_manifest
 
 # the lockdown levels that keep root out of the kernel (with none, root loads a module), once
 # each: integrity raised at runtime, confidentiality from boot (the strictest; ~4 min a run)
@@ -330,11 +331,29 @@ def test_its_state_keys_and_policy_cannot_be_changed(rig: Rig, vm_material: Mate
     wait_in_log(rig.auditd.log_file, "reason=tamper", timeout=30)
 
 
-def test_the_authorized_stop_removes_every_program_and_pin(rig: Rig) -> None:
+def test_the_authorized_stop_removes_every_program_and_pin(rig: Rig, vm_results: Path,
+                                                           tmp_path: Path) -> None:
+    """As a package upgrade does it (packaging/service-ctl, the installed copy, which the
+    .deb's prerm and the RPM's %pre run): refused at once without a token, and the agent
+    keeps enforcing; with one, the agent stops and takes every program and pin with it."""
     directory = Path(tamper(rig)["pin_directory"])
     links = tamper(rig)["guarded_ids"]["links"]
-    done = authorized_stop(rig.agent, rig.tokens[0])
+    root = Path(load_manifest(vm_results / "fixtures")["installed:root"])
+    ctl = root / "opt" / "execguard" / "share" / "execguard" / "service-ctl"
+    defaults = tmp_path / "execguard.default"  # the unit's options file: where the agent is
+    defaults.write_text(f'EXECGUARD_STOP_OPTS="--state-dir {rig.agent.state_dir}"\n')
+    env = {"PATH": os.environ["PATH"], "EXECGUARD_DEFAULTS": str(defaults),
+           "EXECGUARD_STOP_TOKEN": str(tmp_path / "no.token")}
+    refused = subprocess.run([str(ctl), "stopping", "upgrade"], capture_output=True,
+                             text=True, timeout=60, env=env)
+    assert refused.returncode == 1 and "put a break-glass token of grant stop" in \
+        refused.stderr, refused
+    still_enforcing(rig, "a package's stop without a token")
+    env["EXECGUARD_STOP_TOKEN"] = str(rig.tokens[0])
+    done = subprocess.run([str(ctl), "stopping", "upgrade"], capture_output=True, text=True,
+                          timeout=120, env=env)
     assert done.returncode == 0, (done.stdout, done.stderr)
+    rig.agent.proc.wait(timeout=60)
     assert not directory.exists()
     shown = json.loads(run("bpftool", "-j", "link", "show").stdout or "[]")
     assert not {link["id"] for link in shown} & set(links)
