@@ -13,15 +13,15 @@ import os
 import signal
 import sys
 import threading
-from typing import Any, Callable, List, Optional, TextIO
+from typing import Any, Callable, List, Optional, TextIO, Tuple
 
 from agent.cli.exits import EXIT_ERROR
 from agent.cli.exits import EXIT_NO as EXIT_NONE
 from agent.cli.exits import EXIT_OK as EXIT_MATCH
 from agent.control import client_socket
-from agent.errors import ExecguardError
+from agent.errors import ExecguardError, MalformedInput
 from agent.policy import PolicySnapshot, default_policy, load_policy
-from agent.record import LoggedDecision, read_log
+from agent.record import LoggedDecision
 from agent.record.decision_log import log_files
 from agent.review import (
     FilterError,
@@ -47,6 +47,7 @@ from agent.review.output import (
     table_line_stream,
     table_row,
 )
+from agent.review.sources import STDIN, Progress, log_paths, read_records
 
 POLL_S = 0.25
 
@@ -54,8 +55,10 @@ POLL_S = 0.25
 def _common(p: argparse.ArgumentParser, sub: bool) -> None:
     # on the explain sub-parser, SUPPRESS keeps a value given before "explain"
     d: Any = argparse.SUPPRESS if sub else None
-    p.add_argument("--log-dir", metavar="DIR", default=d,
-                   help="decision-log directory (default: the configured agent's)")
+    p.add_argument("--log-dir", metavar="PATH", action="append", default=d,
+                   help="where to read (repeatable): a log directory, read recursively, so a "
+                   "collector's tree of many hosts' logs is one --log-dir; a log file, plain "
+                   "or .gz; - for standard input. Default: the configured agent's directory")
     p.add_argument("--state-dir", metavar="DIR", default=d,
                    help="the agent's state directory, to ask it for its log directory")
     p.add_argument("--socket", metavar="PATH", default=d,
@@ -81,6 +84,9 @@ def add_parser(sub: Any) -> None:
                    "everything below it); repeatable")
     p.add_argument("--uid", action="append", default=[], metavar="UID",
                    help="uid or user name; repeatable")
+    p.add_argument("--host", action="append", default=[], metavar="NAME",
+                   help="records written by this host: its hostname or machine-id "
+                   "(repeatable; records from before hosts were recorded match none)")
     p.add_argument("--module", action="append", default=[], metavar="GLOB",
                    help="Go main module glob (example.com/acme/*); repeatable")
     p.add_argument("--all", action="store_true", help="include allowed execs")
@@ -110,16 +116,30 @@ def _err(message: str, as_json: bool = False) -> int:
 
 
 def _locate(args: argparse.Namespace, asked: bool = False,
-            reply: Optional[Any] = None) -> str:
+            reply: Optional[Any] = None) -> Tuple[str, List[str]]:
+    """The place to read (for messages and --follow) and the files, in reading order."""
+    given: List[str] = args.log_dir or []
+    if len(given) > 1 or given[:1] == [STDIN]:
+        print(f"execguard denials: reading {', '.join(given)} (from --log-dir)",
+              file=sys.stderr)
+        return given[0], log_paths(given)
     socket = client_socket(args.socket, args.state_dir)
-    where = locate_log_dir(args.log_dir, socket, INSTALLED_POLICY, asked, reply)
+    where = locate_log_dir(given[0] if given else None, socket, INSTALLED_POLICY, asked, reply)
     print(f"execguard denials: reading {where.log_dir} ({where.how})", file=sys.stderr)
+    if os.path.isfile(where.log_dir):  # one log file, plain or .gz
+        return where.log_dir, log_paths([where.log_dir])
     if not os.path.isdir(where.log_dir):
         raise ExecguardError(f"{where.log_dir}: no such log directory")
-    if not log_files(where.log_dir):
+    if not log_files(where.log_dir) and not given:
         print(f"execguard denials: {where.log_dir} holds no decision log yet",
               file=sys.stderr)
-    return where.log_dir
+        return where.log_dir, []
+    try:
+        return where.log_dir, log_paths([where.log_dir])
+    except MalformedInput:  # a directory with no log in it or below it
+        print(f"execguard denials: {where.log_dir} holds no decision log yet",
+              file=sys.stderr)
+        return where.log_dir, []
 
 
 def _escape_undecodable() -> None:
@@ -140,20 +160,23 @@ def run(args: argparse.Namespace) -> int:
         if args.follow and args.summary:
             raise FilterError("--summary counts a finished log; it cannot --follow")
         query = build_query(args.since, args.until, args.reason, args.path, args.uid,
-                            args.module, args.all)
-        log_dir = _locate(args)
+                            args.module, args.all, hosts=args.host)
+        log_dir, paths = _locate(args)
         if args.follow:
+            if len(args.log_dir or []) > 1 or not os.path.isdir(log_dir):
+                raise FilterError("--follow follows one log directory")
             return _follow(args, log_dir, query)
-        return _list(args, log_dir, query)
+        return _list(args, paths, query)
     except (FilterError, ExecguardError) as exc:
         return _err(str(exc), bool(getattr(args, "json", False)))
 
 
-def _list(args: argparse.Namespace, log_dir: str, query: Query) -> int:
-    """Streams in log order (the order the agent decided, oldest first): a log of a few
-    hundred thousand records is never held as objects, only the table's text rows."""
+def _list(args: argparse.Namespace, paths: List[str], query: Query) -> int:
+    """Streams in log order (the order the agent decided, oldest first, file after file): a
+    log of millions of records is never held as objects, only the table's text rows."""
     problems = LogProblems("execguard denials")
-    matches = (r for r in read_log(log_dir, problems) if query.matches(r))
+    progress = Progress("execguard denials")
+    matches = (r for r in read_records(paths, problems, progress) if query.matches(r))
     out = sys.stdout
     count = 0
     if args.summary:
@@ -239,9 +262,9 @@ def _explain(args: argparse.Namespace) -> int:
     socket = client_socket(args.socket, args.state_dir)
     # the agent knows its log directory and its policy file; ask only if one is missing
     reply = ask_agent(socket) if not (args.log_dir and args.policy) else None
-    log_dir = _locate(args, asked=True, reply=reply)
+    log_dir, paths = _locate(args, asked=True, reply=reply)
     problems = LogProblems("execguard denials")
-    rec = find_record(read_log(log_dir, problems), args.id)
+    rec = find_record(read_records(paths, problems, Progress("execguard denials")), args.id)
     problems.finish()
     if rec is None:
         missing = (f"no record {args.id!r} (an id or a unique prefix of 8+ characters) in "

@@ -7,6 +7,7 @@ line that does not match the schema raises LogFormatError naming the file, line 
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import secrets
@@ -256,8 +257,8 @@ def read_log(
     """Every record in a log directory, oldest first. A bad line goes to ``on_error`` and is
     skipped: one torn line (a crash mid-write) must not hide the rest of the log."""
     for path in log_files(log_dir, base):
-        try:
-            fh = open(path, "rb")  # noqa: SIM115 (closed below; a rotated file may vanish)
+        try:  # closed by the with below; a rotated file may vanish first
+            fh = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")  # noqa: SIM115
         except FileNotFoundError:
             continue
         except OSError as exc:
@@ -274,7 +275,8 @@ def read_log(
 
 
 def log_files(log_dir: str, base: str = LOG_NAME) -> List[str]:
-    """The decision-log files in a directory, oldest first (base.N … base.1, base)."""
+    """The decision-log files in a directory, oldest first (base.N … base.1, base); a
+    rotated file compressed by logrotate (base.N.gz) counts as base.N."""
     try:
         names = os.listdir(log_dir)
     except OSError as exc:
@@ -282,6 +284,8 @@ def log_files(log_dir: str, base: str = LOG_NAME) -> List[str]:
     rotated = []
     for name in names:
         suffix = name[len(base) + 1:]
+        if suffix.endswith(".gz"):
+            suffix = suffix[:-3]
         if name.startswith(base + ".") and suffix.isdigit():
             rotated.append((int(suffix), name))
     out = [os.path.join(log_dir, n) for _, n in sorted(rotated, reverse=True)]

@@ -128,6 +128,7 @@ class Query:
     uids: Tuple[int, ...] = ()
     modules: Tuple[Glob, ...] = ()
     include_allowed: bool = False
+    hosts: Tuple[str, ...] = ()  # hostnames or machine-ids of the hosts that wrote them
 
     def matches(self, rec: LoggedDecision) -> bool:
         d = rec.decision
@@ -144,6 +145,11 @@ class Query:
             return False
         if self.paths and not any(g.matches(d.event.path) for g in self.paths):
             return False
+        if self.hosts:
+            host = rec.host or {}
+            if host.get("hostname") not in self.hosts and host.get("machine_id") not in \
+                    self.hosts:
+                return False
         if self.modules:
             mod = go_module(d)
             if mod is None or not any(g.matches(mod) for g in self.modules):
@@ -154,7 +160,8 @@ class Query:
 def build_query(since: Optional[str] = None, until: Optional[str] = None,
                 reasons: Iterable[str] = (), paths: Iterable[str] = (),
                 uids: Iterable[str] = (), modules: Iterable[str] = (),
-                include_allowed: bool = False, now_ns: Optional[int] = None) -> Query:
+                include_allowed: bool = False, now_ns: Optional[int] = None,
+                hosts: Iterable[str] = ()) -> Query:
     """A Query from the CLI's strings; raises FilterError on the first bad one."""
     now = time.time_ns() if now_ns is None else now_ns
     q = Query(
@@ -165,6 +172,7 @@ def build_query(since: Optional[str] = None, until: Optional[str] = None,
         uids=tuple(parse_uid(u) for u in uids),
         modules=tuple(parse_glob("--module", m, False) for m in modules),
         include_allowed=include_allowed,
+        hosts=tuple(h.strip().lower() if len(h.strip()) == 32 else h.strip() for h in hosts),
     )
     if q.since_ns is not None and q.until_ns is not None and q.since_ns > q.until_ns:
         raise FilterError(f"--since {since!r} is after --until {until!r}")

@@ -7,69 +7,19 @@ sha256 with ``by_sha256`` (records without a sha256 then fall back to the path).
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-from agent.errors import MalformedInput
-from agent.record import LogFormatError, LoggedDecision
-from agent.record.decision_log import LOG_NAME, from_line, log_files
+from agent.record import LoggedDecision
 from agent.review.output import iso_time, printable
 from agent.review.query import verdict_label
+from agent.review.sources import log_paths as log_paths
+from agent.review.sources import read_records as read_records
 from agent.review.whatif import Change, Replayed, Replayer, change_of
 
 MAX_SHA256 = 8  # distinct file versions listed per group
 MAX_UIDS = 8
-
-
-def log_paths(given: List[str]) -> List[str]:
-    """Files to read, oldest first per directory: a directory means its decisions.jsonl and
-    the rotated files; a file means that file. The same file named twice is read once."""
-    out: List[str] = []
-    seen: Set[Tuple[int, int]] = set()
-    for path in given:
-        if os.path.isdir(path):
-            names = log_files(path, LOG_NAME)
-            if not names:
-                raise MalformedInput(path, f"no {LOG_NAME} (or rotated copies) in this "
-                                     f"directory")
-        elif os.path.exists(path):
-            names = [path]
-        else:
-            raise MalformedInput(path, "no such file or directory")
-        for name in names:
-            try:
-                st = os.stat(name)
-            except OSError as exc:
-                raise MalformedInput(name, f"cannot read: {exc.strerror}") from None
-            if (st.st_dev, st.st_ino) not in seen:
-                seen.add((st.st_dev, st.st_ino))
-                out.append(name)
-    return out
-
-
-def read_records(paths: List[str], on_error: Callable[[LogFormatError], None]
-                 ) -> Iterator[LoggedDecision]:
-    """Every record of the files in order; a bad line goes to ``on_error`` (file:line)."""
-    for path in paths:
-        try:
-            fh = open(path, "rb")  # noqa: SIM115 (closed below)
-        except OSError as exc:
-            on_error(LogFormatError(path, f"cannot read: {exc.strerror}"))
-            continue
-        n = 0
-        with fh:
-            try:
-                for n, raw in enumerate(fh, 1):
-                    if not raw.strip():
-                        continue
-                    try:
-                        yield from_line(raw, path, n)
-                    except LogFormatError as exc:
-                        on_error(exc)
-            except OSError as exc:
-                on_error(LogFormatError(path, f"cannot read: {exc.strerror} (after line {n})"))
 
 
 @dataclass

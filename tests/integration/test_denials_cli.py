@@ -121,10 +121,10 @@ def test_exit_codes(log: Dict[str, Any], tmp_path: Path) -> None:
 def test_unreadable_log_file_is_an_error(tmp_path: Path) -> None:
     d = tmp_path / "log"
     ids = write_log(d, [make_decision(0)])
-    blocked = tmp_path / "notadir"
-    blocked.write_text("")
-    proc = denials("--log-dir", str(blocked))
-    assert proc.returncode == 2 and "no such log directory" in proc.stderr
+    not_a_log = tmp_path / "notalog"  # a file is read as one log file: its bad line is named
+    not_a_log.write_text("not a record\n")
+    proc = denials("--log-dir", str(not_a_log))
+    assert proc.returncode == 1 and f"{not_a_log}: line 1" in proc.stderr, proc.stderr
     # root reads any file, so make a rotated "file" that cannot be read at all
     (d / "decisions.jsonl.1").mkdir()
     proc = denials("--log-dir", str(d), "--json")
