@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 EXECGUARD := $(VENV)/bin/execguard
 RESULTS ?= test-results
 
-.PHONY: help setup setup-test run demo doctor test host-test lint unit bench clean vagrant-validate
+.PHONY: help setup setup-test run demo doctor test host-test lint unit bench bench-review clean
+.PHONY: vagrant-validate
 .PHONY: install uninstall deb rpm cli-docs
 
 help:
@@ -55,6 +56,11 @@ bench: setup-test
 	$(PY) bench/bundle_verify.py
 	$(PY) bench/exec_overhead.py
 	$(PY) bench/exec_storm.py
+
+# review at fleet size: 10 million synthetic records from 1,000 hosts (about 12 GiB on disk
+# for a few minutes, in /var/tmp); docs/performance.md "Review at fleet size"
+bench-review: setup-test
+	$(PY) bench/review_scale.py $(BENCH_ARGS)
 
 # The service (docs/service.md): a venv with the agent, the unit, /etc/default/execguard.
 PREFIX ?= /opt/execguard
