@@ -62,6 +62,8 @@ do_install() {
     install -D -m 0644 packaging/execguard.default "$DESTDIR$DOCDIR/execguard.default"
     install -D -m 0644 docs/service.md "$DESTDIR$DOCDIR/service.md"
     install -D -m 0644 packaging/policy-enforce.toml "$DESTDIR$DOCDIR/policy-enforce.toml"
+    install -D -m 0644 packaging/rsyslog/60-execguard.conf \
+        "$DESTDIR$DOCDIR/rsyslog-60-execguard.conf"
     # the service steps the Debian and RPM packages' scripts take (docs/packaging.md)
     install -D -m 0755 packaging/service-ctl "$ROOT/share/execguard/service-ctl"
     install -D -m 0644 packaging/man/execguard.1 "$DESTDIR$DATADIR/man/man1/execguard.1"
