@@ -65,7 +65,18 @@ class JsonlSink:
                 if os.path.exists(older):
                     os.replace(older, f"{self.path}.{i + 1}")
             os.replace(self.path, f"{self.path}.1")
+        self._drop_beyond_keep()
         self._open()
+
+    def _drop_beyond_keep(self) -> None:
+        """Rotated files numbered past ``keep``: left by a run with a larger --log-keep."""
+        base = os.path.basename(self.path)
+        with contextlib.suppress(OSError):
+            for name in os.listdir(self.log_dir):
+                suffix = name[len(base) + 1:]
+                if name.startswith(base + ".") and suffix.isdigit() and int(suffix) > self.keep:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(self.log_dir, name))
 
     def _append(self, line: bytes) -> None:
         fd = self._ensure_open()

@@ -61,6 +61,16 @@ def test_rotation_by_size_keeps_n_files(tmp_path: Path) -> None:
     assert kept == ids[-len(kept):]  # the newest records, in order, none torn
     assert 30 <= len(kept) <= 40
     assert rec.stats()["decision_log"]["written"] == 100
+    # a later agent told to keep fewer (--log-keep 1) drops the older ones at its rotation
+    rec = Recorder(RecorderConfig(str(tmp_path), audit="off", max_bytes=line_len * 10, keep=1))
+    rec.start()
+    try:
+        for i in range(20):
+            rec.decision(make_decision(i))
+    finally:
+        assert rec.close(10)
+    assert [os.path.basename(f) for f in log_files(str(tmp_path))] == [f"{LOG_NAME}.1",
+                                                                       LOG_NAME]
 
 
 def test_full_disk_drops_and_counts(tmp_path: Path) -> None:
