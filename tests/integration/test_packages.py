@@ -47,6 +47,8 @@ echo "$rc" >"$OUT/doctor.rc"
 # conffile; the same version again runs dpkg's upgrade path (prerm upgrade, postinst configure)
 mkdir -p "$R/var/lib/execguard"
 echo '{"version": 7}' >"$R/var/lib/execguard/policy-version.json"
+echo '{"version": 7}' >"$R/var/lib/execguard/applied.json"
+echo '{"event": "applied"}' >"$R/var/lib/execguard/breakglass.jsonl"
 sed -i 's/^EXECGUARD_OPTS=.*/EXECGUARD_OPTS="--quiet --mine"/' "$R/etc/default/execguard"
 in_root dpkg -i --force-confold /tmp/execguard.deb >"$OUT/upgrade.log" 2>&1
 state() { ls "$R/opt/execguard/bin/execguard" "$R/etc/default/execguard" \
@@ -55,7 +57,7 @@ state() { ls "$R/opt/execguard/bin/execguard" "$R/etc/default/execguard" \
 in_root dpkg -r execguard >"$OUT/remove.log" 2>&1
 { echo "== removed"; state; } >>"$OUT/life"
 in_root dpkg -P execguard >"$OUT/purge.log" 2>&1
-{ echo "== purged"; state; } >>"$OUT/life"
+{ echo "== purged"; state; ls "$R/var/lib/execguard" 2>/dev/null || true; } >>"$OUT/life"
 """
 
 RPM_IN_ROOT = r"""
@@ -199,7 +201,8 @@ def test_an_upgrade_keeps_state_and_conffile_a_removal_keeps_them_a_purge_does_n
     assert 'EXECGUARD_OPTS="--quiet --mine"' in upgraded  # the admin's edit, not the shipped
     assert "/opt/execguard/bin/execguard" not in removed
     assert "/etc/default/execguard" in removed and "policy-version.json" in removed
-    assert purged.strip() == "", purged
+    # the purge took the cache and logs, not the anti-rollback version and the spent tokens
+    assert purged.split() == ["applied.json", "breakglass.jsonl"], purged
 
 
 def rpm_query(package: Path, *what: str) -> str:
