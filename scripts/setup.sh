@@ -21,7 +21,7 @@ APT_RUN=(python3 python3-venv python3-pip python3-bpfcc bpfcc-tools libbpfcc pyt
 # runc and busybox-static: the container test (a real runtime starting a real overlay rootfs)
 APT_TEST=(golang-go gcc libc6-dev dpkg-dev nodejs npm vagrant vagrant-libvirt shellcheck systemd
           runc busybox-static bpftool strace gdb debootstrap rpm
-          python3-argparse-manpage groff-base rsyslog)
+          python3-argparse-manpage groff-base man-db rsyslog)
 DNF_RUN=(python3 python3-pip python3-bcc bcc-tools python3-audit audit openssl binutils file git
          make kmod procps-ng)
 DNF_TEST=(golang gcc glibc-devel nodejs npm)
