@@ -176,7 +176,8 @@ def _list(args: argparse.Namespace, paths: List[str], query: Query) -> int:
     log of millions of records is never held as objects, only the table's text rows."""
     problems = LogProblems("execguard denials")
     progress = Progress("execguard denials")
-    matches = (r for r in read_records(paths, problems, progress) if query.matches(r))
+    matches = (r for r in read_records(paths, problems, progress, query.needles())
+               if query.matches(r))
     out = sys.stdout
     count = 0
     if args.summary:

@@ -6,6 +6,7 @@ Filters are parsed once (a bad one is a ``FilterError`` naming the flag) and the
 
 from __future__ import annotations
 
+import json
 import pwd
 import re
 import time
@@ -129,6 +130,12 @@ class Query:
     modules: Tuple[Glob, ...] = ()
     include_allowed: bool = False
     hosts: Tuple[str, ...] = ()  # hostnames or machine-ids of the hosts that wrote them
+
+    def needles(self) -> Tuple[bytes, ...]:
+        """Bytes one of which every matching record's JSON line holds (``--host``: hostnames
+        and machine-ids are plain ASCII, written unescaped), for a prefilter that skips
+        parsing the others; empty when the query has no such condition."""
+        return tuple(json.dumps(h).encode() for h in self.hosts)
 
     def matches(self, rec: LoggedDecision) -> bool:
         d = rec.decision

@@ -70,10 +70,12 @@ def _open(path: str) -> IO[bytes]:
 
 
 def read_records(paths: Sequence[str], on_error: Callable[[LogFormatError], None],
-                 progress: Optional[Callable[[int, int, int], None]] = None
-                 ) -> Iterator[LoggedDecision]:
+                 progress: Optional[Callable[[int, int, int], None]] = None,
+                 needles: Sequence[bytes] = ()) -> Iterator[LoggedDecision]:
     """Every record of the files in order. ``progress(files_done, files, records)`` is
-    called now and then (for a terminal's progress line)."""
+    called now and then (for a terminal's progress line). ``needles``: a line that holds
+    none of them is skipped unparsed (a prefilter: what it lets through is still filtered
+    on the parsed record, so it may only pass too much, never too little)."""
     count = 0
     for index, path in enumerate(paths):
         label = "<stdin>" if path == STDIN else path
@@ -85,7 +87,7 @@ def read_records(paths: Sequence[str], on_error: Callable[[LogFormatError], None
         n = 0
         try:
             for n, raw in enumerate(fh, 1):
-                if not raw.strip():
+                if not raw.strip() or (needles and not any(x in raw for x in needles)):
                     continue
                 try:
                     yield from_line(raw, label, n)

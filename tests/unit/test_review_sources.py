@@ -1,0 +1,33 @@
+"""agent/review/sources.py: the raw-line prefilter of `denials --host` skips only lines that
+cannot match; what it lets through is filtered on the parsed record."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from agent.record.decision_log import to_json
+from agent.review.query import build_query
+from agent.review.sources import read_records
+from tests.record_fixtures import make_decision
+
+
+def test_the_host_prefilter_never_drops_a_match(tmp_path: Path) -> None:
+    log = tmp_path / "decisions.jsonl"
+    lines = []
+    for n, (name, comm) in enumerate((("web-1", "web-2"), ("web-2", "a"), ("db-1", "b"))):
+        host = {"hostname": name, "machine_id": f"{n}" * 32, "boot_id": None}
+        lines.append(json.dumps(to_json(f"r{n}", make_decision(n, comm=comm), host=host)))
+    old = to_json("old", make_decision(9))
+    del old["host"]
+    lines.append(json.dumps(old))
+    log.write_text("\n".join(lines) + "\n")
+    query = build_query(hosts=["web-2"], include_allowed=True)
+    passed = list(read_records([str(log)], lambda e: None, needles=query.needles()))
+    # web-1's record has "web-2" as its command name: the prefilter lets it through (it only
+    # looks at bytes), the query does not
+    assert [r.id for r in passed] == ["r0", "r1"]
+    assert [r.id for r in passed if query.matches(r)] == ["r1"]
+    by_id = build_query(hosts=["2" * 32], include_allowed=True)
+    assert [r.id for r in read_records([str(log)], lambda e: None, needles=by_id.needles())
+            if by_id.matches(r)] == ["r2"]
