@@ -15,7 +15,6 @@ from agent.record.decision_log import (
     LogFormatError,
     LoggedDecision,
     from_json,
-    read_log,
     to_json,
 )
 from agent.record.recorder import Recorder, RecorderConfig
@@ -32,6 +31,5 @@ __all__ = [
     "backend_selected",
     "from_json",
     "policy_loaded",
-    "read_log",
     "to_json",
 ]

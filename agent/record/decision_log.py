@@ -7,7 +7,6 @@ line that does not match the schema raises LogFormatError naming the file, line 
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import secrets
@@ -15,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from agent import __version__
 from agent.decision import Decision, Enforcement, ExecEvent, FileIdentity, Source
@@ -249,29 +248,6 @@ def from_line(text: bytes, path: str = "<record>", line: int = 0) -> LoggedDecis
     except ValueError as exc:
         raise _Reader(path, line).fail(f"not JSON ({exc})") from None
     return from_json(obj, path, line)
-
-
-def read_log(
-    log_dir: str, on_error: Callable[[LogFormatError], None], base: str = LOG_NAME
-) -> Iterator[LoggedDecision]:
-    """Every record in a log directory, oldest first. A bad line goes to ``on_error`` and is
-    skipped: one torn line (a crash mid-write) must not hide the rest of the log."""
-    for path in log_files(log_dir, base):
-        try:  # closed by the with below; a rotated file may vanish first
-            fh = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")  # noqa: SIM115
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            on_error(LogFormatError(path, f"cannot read: {exc.strerror}"))
-            continue
-        with fh:
-            for n, raw in enumerate(fh, 1):
-                if not raw.strip():
-                    continue
-                try:
-                    yield from_line(raw, path, n)
-                except LogFormatError as exc:
-                    on_error(exc)
 
 
 def log_files(log_dir: str, base: str = LOG_NAME) -> List[str]:

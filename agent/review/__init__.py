@@ -1,6 +1,6 @@
 """Denial review for security teams: ``execguard denials`` (docs/review.md).
 
-Reads the decision log only through ``agent.record.read_log`` / ``from_line``: filter
+Reads the decision log only through ``sources.read_records`` (``from_line``): filter
 (``query``), show (``output``), tail across rotation (``follow``), and explain one record
 with the commands that re-check it (``explain``, ``reproduce``). ``locate`` finds the log
 of the configured agent.

@@ -1,7 +1,8 @@
 """Which decision-log records a reviewer asked for: time window, reason, path, uid, module.
 
 Filters are parsed once (a bad one is a ``FilterError`` naming the flag) and then applied to
-``LoggedDecision`` objects that ``agent.record.read_log`` produced; nothing here reads JSON.
+``LoggedDecision`` objects that ``agent.review.sources.read_records`` produced; nothing here
+reads JSON.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ first, as rotation names them: ``decisions.jsonl.N[.gz]`` … ``.1``, then
 ``decisions.jsonl``) and, recursively, those of every directory below it, so a collector's
 tree (``/srv/logs/<host>/decisions.jsonl*``) reads in one go. The same file named twice is
 read once. Reading never stops at a bad line or an unreadable file: each goes to
-``on_error`` with its file and line.
+``on_error`` with its file and line. A rotated file that vanishes while a live log is read
+(the agent's rotation deleted the oldest) is skipped, not an error.
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ def log_paths(given: Sequence[str]) -> List[str]:
         for name in names:
             try:
                 st = os.stat(name)
+            except FileNotFoundError:
+                if name == path:
+                    raise MalformedInput(name, "no such file or directory") from None
+                continue  # listed in a directory, then rotated away
             except OSError as exc:
                 raise MalformedInput(name, f"cannot read: {exc.strerror}") from None
             if (st.st_dev, st.st_ino) not in seen:
@@ -81,6 +86,8 @@ def read_records(paths: Sequence[str], on_error: Callable[[LogFormatError], None
         label = "<stdin>" if path == STDIN else path
         try:
             fh = _open(path)
+        except FileNotFoundError:
+            continue  # rotated away since it was listed
         except OSError as exc:
             on_error(LogFormatError(label, f"cannot read: {exc.strerror}"))
             continue

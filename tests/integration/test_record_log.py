@@ -9,14 +9,15 @@ import time
 from pathlib import Path
 from typing import List, Tuple
 
-from agent.record import LogFormatError, LoggedDecision, Recorder, RecorderConfig, read_log
+from agent.record import LogFormatError, LoggedDecision, Recorder, RecorderConfig
 from agent.record.decision_log import LOG_NAME, log_files, to_line
+from agent.review.sources import read_records
 from tests.record_fixtures import make_decision, tiny_tmpfs
 
 
 def _read(log_dir: str) -> Tuple[List[LoggedDecision], List[LogFormatError]]:
     errors: List[LogFormatError] = []
-    return list(read_log(log_dir, errors.append)), errors
+    return list(read_records(log_files(log_dir), errors.append)), errors
 
 
 def test_records_round_trip_through_the_recorder(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from agent.record.decision_log import to_json
 from agent.review.query import build_query
-from agent.review.sources import read_records
+from agent.review.sources import log_paths, read_records
 from tests.record_fixtures import make_decision
 
 
@@ -31,3 +31,19 @@ def test_the_host_prefilter_never_drops_a_match(tmp_path: Path) -> None:
     by_id = build_query(hosts=["2" * 32], include_allowed=True)
     assert [r.id for r in read_records([str(log)], lambda e: None, needles=by_id.needles())
             if by_id.matches(r)] == ["r2"]
+
+
+def test_a_rotated_file_that_vanishes_while_a_live_log_is_read_is_skipped(
+        tmp_path: Path) -> None:
+    """The agent's rotation deletes the oldest file at any time; a review of a live log
+    reads what is still there and reports nothing for what went."""
+    for name in ("decisions.jsonl.2", "decisions.jsonl.1", "decisions.jsonl"):
+        (tmp_path / name).write_text(json.dumps(to_json(name, make_decision(1))) + "\n")
+    paths = log_paths([str(tmp_path)])
+    assert [Path(p).name for p in paths] == ["decisions.jsonl.2", "decisions.jsonl.1",
+                                             "decisions.jsonl"]
+    (tmp_path / "decisions.jsonl.2").unlink()
+    errors: list = []  # type: ignore[type-arg]
+    assert [r.id for r in read_records(paths, errors.append)] == ["decisions.jsonl.1",
+                                                                  "decisions.jsonl"]
+    assert errors == []
