@@ -125,21 +125,17 @@ def _locate(args: argparse.Namespace, asked: bool = False,
         return given[0], log_paths(given)
     socket = client_socket(args.socket, args.state_dir)
     where = locate_log_dir(given[0] if given else None, socket, INSTALLED_POLICY, asked, reply)
-    print(f"execguard denials: reading {where.log_dir} ({where.how})", file=sys.stderr)
-    if os.path.isfile(where.log_dir):  # one log file, plain or .gz
-        return where.log_dir, log_paths([where.log_dir])
-    if not os.path.isdir(where.log_dir):
-        raise ExecguardError(f"{where.log_dir}: no such log directory")
-    if not log_files(where.log_dir) and not given:
-        print(f"execguard denials: {where.log_dir} holds no decision log yet",
-              file=sys.stderr)
-        return where.log_dir, []
-    try:
-        return where.log_dir, log_paths([where.log_dir])
+    log_dir = where.log_dir
+    print(f"execguard denials: reading {log_dir} ({where.how})", file=sys.stderr)
+    if not (os.path.isdir(log_dir) or (given and os.path.isfile(log_dir))):
+        raise ExecguardError(f"{log_dir}: no such log directory")
+    try:  # a --log-dir may be a tree or one file; the configured agent's is its directory
+        paths = log_paths(given) if given else log_files(log_dir)
     except MalformedInput:  # a directory with no log in it or below it
-        print(f"execguard denials: {where.log_dir} holds no decision log yet",
-              file=sys.stderr)
-        return where.log_dir, []
+        paths = []
+    if not paths:
+        print(f"execguard denials: {log_dir} holds no decision log yet", file=sys.stderr)
+    return log_dir, paths
 
 
 def _escape_undecodable() -> None:

@@ -28,8 +28,9 @@ from agent.review.locate import INSTALLED_POLICY, locate_log_dir
 from agent.review.log_problems import LogProblems
 from agent.review.output import iso_time, printable
 from agent.review.query import FilterError, parse_time
+from agent.review.sources import log_paths, read_records
 from agent.review.whatif import Gap, Replayer, recorded_policies
-from agent.review.whatif_report import Report, format_groups, log_paths, read_records, replay_all
+from agent.review.whatif_report import Report, format_groups, replay_all
 
 PROG = "execguard policy whatif"
 DEFAULT_POLICY_KEYS = "/etc/execguard/keys/policy"

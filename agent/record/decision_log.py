@@ -250,6 +250,14 @@ def from_line(text: bytes, path: str = "<record>", line: int = 0) -> LoggedDecis
     return from_json(obj, path, line)
 
 
+def rotation_index(name: str, base: str = LOG_NAME) -> Optional[int]:
+    """N when ``name`` is ``base.N``, or ``base.N.gz`` (a rotated file logrotate compressed)."""
+    suffix = name[len(base) + 1:]
+    if suffix.endswith(".gz"):
+        suffix = suffix[:-3]
+    return int(suffix) if name.startswith(base + ".") and suffix.isdigit() else None
+
+
 def log_files(log_dir: str, base: str = LOG_NAME) -> List[str]:
     """The decision-log files in a directory, oldest first (base.N … base.1, base); a
     rotated file compressed by logrotate (base.N.gz) counts as base.N."""
@@ -257,13 +265,8 @@ def log_files(log_dir: str, base: str = LOG_NAME) -> List[str]:
         names = os.listdir(log_dir)
     except OSError as exc:
         raise MalformedInput(log_dir, f"cannot list the log directory: {exc.strerror}") from None
-    rotated = []
-    for name in names:
-        suffix = name[len(base) + 1:]
-        if suffix.endswith(".gz"):
-            suffix = suffix[:-3]
-        if name.startswith(base + ".") and suffix.isdigit():
-            rotated.append((int(suffix), name))
+    rotated = [(n, name) for name in names
+               if (n := rotation_index(name, base)) is not None]
     out = [os.path.join(log_dir, n) for _, n in sorted(rotated, reverse=True)]
     if base in names:
         out.append(os.path.join(log_dir, base))

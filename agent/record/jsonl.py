@@ -13,7 +13,7 @@ import os
 from typing import List, Optional
 
 from agent.errors import InputError
-from agent.record.decision_log import LOG_NAME, LoggedDecision, to_line
+from agent.record.decision_log import LOG_NAME, LoggedDecision, rotation_index, to_line
 from agent.record.writer import DISK_FULL, ENCODE_ERROR, IO_ERROR, SinkStats
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -73,8 +73,8 @@ class JsonlSink:
         base = os.path.basename(self.path)
         with contextlib.suppress(OSError):
             for name in os.listdir(self.log_dir):
-                suffix = name[len(base) + 1:]
-                if name.startswith(base + ".") and suffix.isdigit() and int(suffix) > self.keep:
+                n = rotation_index(name, base)  # the agent's own rotations: not .gz ones
+                if n is not None and n > self.keep and not name.endswith(".gz"):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(os.path.join(self.log_dir, name))
 

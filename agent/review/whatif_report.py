@@ -14,8 +14,6 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 from agent.record import LoggedDecision
 from agent.review.output import iso_time, printable
 from agent.review.query import verdict_label
-from agent.review.sources import log_paths as log_paths
-from agent.review.sources import read_records as read_records
 from agent.review.whatif import Change, Replayed, Replayer, change_of
 
 MAX_SHA256 = 8  # distinct file versions listed per group
