@@ -13,8 +13,7 @@ PY=${PYTHON:-/usr/bin/python3}
 log() { printf 'build-deb: %s\n' "$*" >&2; }
 
 command -v dpkg-deb >/dev/null || { log "dpkg-deb missing (package dpkg)"; exit 2; }
-version=$("$PY" -c 'import tomllib; print(tomllib.load(open("pyproject.toml","rb"))["project"]["version"])' 2>/dev/null \
-          || sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+version=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 arch=$(dpkg --print-architecture)
 pyver=$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
 pynext=$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1] + 1}")')

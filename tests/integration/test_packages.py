@@ -27,13 +27,29 @@ from tests.agent_fixtures import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-IN_ROOT = r"""
+# both packages' lives start the same way: the chroot's mounts (in the caller's private
+# mount namespace), and helpers to edit what an upgrade must keep and to list what is left
+ROOT_SETUP = r"""
 set -eu
-R=$1; DEB=$2; OUT=$3
+R=$1; PKG=$2; OUT=$3
 mount -t proc proc "$R/proc"
 mount --rbind /sys "$R/sys"
 mount --bind /dev "$R/dev"
-cp "$DEB" "$R/tmp/execguard.deb"
+# what an upgrade must keep: the agent's state (cache, anti-rollback version, spent tokens)
+# and an edited conffile
+edit_state() {
+    mkdir -p "$R/var/lib/execguard"
+    echo '{"version": 7}' >"$R/var/lib/execguard/policy-version.json"
+    echo '{"version": 7}' >"$R/var/lib/execguard/applied.json"
+    echo '{"event": "applied"}' >"$R/var/lib/execguard/breakglass.jsonl"
+    sed -i 's/^EXECGUARD_OPTS=.*/EXECGUARD_OPTS="--quiet --mine"/' "$R/etc/default/execguard"
+}
+state() { ls "$R/opt/execguard/bin/execguard" "$R/etc/default/execguard" \
+          "$R/var/lib/execguard/policy-version.json" 2>/dev/null || true; }
+"""
+
+IN_ROOT = ROOT_SETUP + r"""
+cp "$PKG" "$R/tmp/execguard.deb"
 export DEBIAN_FRONTEND=noninteractive
 in_root() { chroot "$R" "$@"; }
 in_root apt-get update -qq
@@ -43,16 +59,9 @@ rc=0
 in_root /opt/execguard/bin/execguard doctor --json >"$OUT/doctor.json" 2>"$OUT/doctor.err" \
     || rc=$?
 echo "$rc" >"$OUT/doctor.rc"
-# what an upgrade must keep: the agent's state (cache, anti-rollback version) and an edited
-# conffile; the same version again runs dpkg's upgrade path (prerm upgrade, postinst configure)
-mkdir -p "$R/var/lib/execguard"
-echo '{"version": 7}' >"$R/var/lib/execguard/policy-version.json"
-echo '{"version": 7}' >"$R/var/lib/execguard/applied.json"
-echo '{"event": "applied"}' >"$R/var/lib/execguard/breakglass.jsonl"
-sed -i 's/^EXECGUARD_OPTS=.*/EXECGUARD_OPTS="--quiet --mine"/' "$R/etc/default/execguard"
+edit_state
+# the same version again runs dpkg's upgrade path (prerm upgrade, postinst configure)
 in_root dpkg -i --force-confold /tmp/execguard.deb >"$OUT/upgrade.log" 2>&1
-state() { ls "$R/opt/execguard/bin/execguard" "$R/etc/default/execguard" \
-          "$R/var/lib/execguard/policy-version.json" 2>/dev/null || true; }
 { echo "== upgraded"; state; grep '^EXECGUARD_OPTS=' "$R/etc/default/execguard"; } >"$OUT/life"
 in_root dpkg -r execguard >"$OUT/remove.log" 2>&1
 { echo "== removed"; state; } >>"$OUT/life"
@@ -60,24 +69,15 @@ in_root dpkg -P execguard >"$OUT/purge.log" 2>&1
 { echo "== purged"; state; ls "$R/var/lib/execguard" 2>/dev/null || true; } >>"$OUT/life"
 """
 
-RPM_IN_ROOT = r"""
-set -eu
-R=$1; RPM=$2; OUT=$3
-mount -t proc proc "$R/proc"
-mount --rbind /sys "$R/sys"
-mount --bind /dev "$R/dev"
+RPM_IN_ROOT = ROOT_SETUP + r"""
 rpm --root "$R" --initdb
-rpm --root "$R" -i --nodeps "$RPM" >"$OUT/rpm-install.log" 2>&1
+rpm --root "$R" -i --nodeps "$PKG" >"$OUT/rpm-install.log" 2>&1
 rc=0
 chroot "$R" /opt/execguard/bin/execguard doctor --json >"$OUT/rpm-doctor.json" \
     2>"$OUT/rpm-doctor.err" || rc=$?
 echo "$rc" >"$OUT/rpm-doctor.rc"
-mkdir -p "$R/var/lib/execguard"
-echo '{"version": 7}' >"$R/var/lib/execguard/policy-version.json"
-sed -i 's/^EXECGUARD_OPTS=.*/EXECGUARD_OPTS="--quiet --mine"/' "$R/etc/default/execguard"
-rpm --root "$R" -U --replacepkgs --nodeps "$RPM" >"$OUT/rpm-upgrade.log" 2>&1
-state() { ls "$R/opt/execguard/bin/execguard" "$R/etc/default/execguard" \
-          "$R/var/lib/execguard/policy-version.json" 2>/dev/null || true; }
+edit_state
+rpm --root "$R" -U --replacepkgs --nodeps "$PKG" >"$OUT/rpm-upgrade.log" 2>&1
 { echo "== upgraded"; state; grep '^EXECGUARD_OPTS=' "$R/etc/default/execguard"; } \
     >"$OUT/rpm-life"
 rpm --root "$R" -e execguard >"$OUT/rpm-erase.log" 2>&1
