@@ -5,7 +5,9 @@ filesystems its own mount table shows in scope and nothing else, kill sees execs
 mmap(2) but cannot refuse ptrace, and only bpf-lsm/fmod-ret refuse a ptrace attach. A few
 sysctls close some of the rest for every process on the host; doctor reads them, and says
 what each one left as it is leaves open.
-Reading only: execguard never changes a host setting.
+Reading only: doctor never changes a host setting. The running fanotify-exec agent
+changes two FUSE ones, for itself (agent/sensors/fanotify_fuse.py): it mounts fusectl where
+nothing has, and raises fuse's allow_sys_admin_access for the moment of a mark call.
 """
 
 from __future__ import annotations
@@ -112,6 +114,64 @@ def leases(read: Reader) -> HostSetting:
                        "never wrong); 1 restores the cache")
 
 
+FUSE_ADMIN_ACCESS = "/sys/module/fuse/parameters/allow_sys_admin_access"
+
+
+def fuse_marks(param: str = FUSE_ADMIN_ACCESS, fuse_known: Optional[bool] = None
+               ) -> HostSetting:
+    """A user's FUSE mount (the setuid fusermount3 makes them, without allow_other) refuses
+    root: fanotify_mark's permission check refused the agent, and execs there ran
+    unjudged. fuse's allow_sys_admin_access (6.0+) lets the agent in for the mark."""
+    import os
+
+    name = "fuse allow_sys_admin_access"
+    if fuse_known is None:
+        fuse_known = os.path.exists("/sys/module/fuse") or _has_filesystem("fuse")
+    try:
+        with open(param, encoding="ascii") as f:
+            value: Optional[str] = f.read().strip()
+    except OSError:
+        value = None
+    if value is not None:
+        return HostSetting(name, value, True, "fanotify-exec",
+                           "present: fanotify-exec raises it for the moment it marks a "
+                           "user's FUSE mount in scope, so execs there wait for it too")
+    if not fuse_known:
+        return HostSetting(name, None, True, "fanotify-exec", "no FUSE on this host")
+    return HostSetting(name, None, False, "fanotify-exec",
+                       "not on this kernel (6.0+): a user's FUSE mount in scope (made with "
+                       "the setuid fusermount3) refuses fanotify-exec's mark, and execs "
+                       "there are not judged; removing fusermount3's setuid bit closes it "
+                       "(bpf-lsm, fmod-ret and kill judge them)")
+
+
+def fuse_timeout(read: Reader) -> HostSetting:
+    """A FUSE daemon that never answers holds whoever asked, past SIGKILL; fanotify-exec
+    cuts off one in scope that holds the agent, the kernel can bound every request."""
+    value = read("fs.fuse.max_request_timeout")
+    name = "fs.fuse.max_request_timeout"
+    if value is None:
+        return HostSetting(name, None, True, "fanotify-exec",
+                           "not on this kernel (6.15+): fanotify-exec aborts a FUSE "
+                           "filesystem in scope that keeps it waiting (docs/fanotify.md)")
+    if _int(value):
+        return HostSetting(name, value, True, "fanotify-exec",
+                           f"{value} s: the kernel aborts a FUSE connection whose request "
+                           "waits longer, for every process")
+    return HostSetting(name, value, True, "fanotify-exec",
+                       "0: no bound; fanotify-exec aborts a FUSE filesystem in scope that "
+                       "keeps it waiting (docs/fanotify.md); a bound protects every other "
+                       "process from a stalling FUSE daemon as well")
+
+
+def _has_filesystem(name: str) -> bool:
+    try:
+        with open("/proc/filesystems", encoding="ascii") as f:
+            return any(line.split()[-1] == name for line in f if line.strip())
+    except OSError:
+        return False
+
+
 def _kernel_config(option: str) -> Optional[str]:
     """``option``'s value in this kernel's build config (/proc/config.gz, else /boot)."""
     import gzip
@@ -161,4 +221,4 @@ def ia32_emulation(cmdline: Optional[str] = None,
 
 def read_settings(read: Reader = read_sysctl) -> List[HostSetting]:
     return [memfd_noexec(read), user_namespaces(read), ptrace_scope(read), leases(read),
-            ia32_emulation()]
+            ia32_emulation(), fuse_marks(), fuse_timeout(read)]

@@ -18,10 +18,11 @@ fi
 
 APT_RUN=(python3 python3-venv python3-pip python3-bpfcc bpfcc-tools libbpfcc python3-audit
          auditd openssl binutils file git make kmod procps python3-prometheus-client)
-# runc and busybox-static: the container test (a real runtime starting a real overlay rootfs)
+# runc and busybox-static: the container test (a real runtime starting a real overlay rootfs);
+# fuse3: the setuid fusermount3 a user mounts a FUSE filesystem with (test_agent_fuse.py)
 APT_TEST=(golang-go gcc libc6-dev dpkg-dev nodejs npm vagrant vagrant-libvirt shellcheck systemd
           runc busybox-static bpftool strace gdb debootstrap rpm
-          python3-argparse-manpage groff-base man-db rsyslog)
+          python3-argparse-manpage groff-base man-db rsyslog fuse3)
 DNF_RUN=(python3 python3-pip python3-bcc bcc-tools python3-audit audit openssl binutils file git
          make kmod procps-ng)
 DNF_TEST=(golang gcc glibc-devel nodejs npm)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import subprocess
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -54,6 +55,13 @@ def answer_for(decision: Decision, enforcement: Enforcement, snapshot: PolicySna
     if decision.enforcement is enforcement:
         return False
     return ALLOW_ONCE if snapshot.mode is Mode.ENFORCE else True
+
+
+def _fuse_cut(name: str, why: str) -> None:
+    """A FUSE filesystem in scope stopped answering the agent and was aborted
+    (agent/sensors/fanotify_fuse.py): on the console (the journal), and in status."""
+    print(f"execguard: FUSE filesystem {name} cut off (its connection aborted): {why}; "
+          "every exec waiting on it was denied", file=sys.stderr, flush=True)
 
 
 class FanotifyRunner:
@@ -145,7 +153,8 @@ class FanotifyRunner:
             heartbeat_fd=self._watchdog.heartbeat_fd, mask=self.mask,
             ignore_marks=self._per_file and self.IGNORE_MARKS, share_answers=self._per_file,
             overload_allow=snapshot.mode is Mode.MONITOR,
-            on_write_open=self._forget, on_guard_lost=self._forget_all)
+            on_write_open=self._forget, on_guard_lost=self._forget_all,
+            on_fuse_cut=_fuse_cut)
 
     def _remark(self, snapshot: PolicySnapshot) -> None:
         """Other scopes: a new group marks the new filesystems (and holds no ignore mark)

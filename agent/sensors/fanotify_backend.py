@@ -35,9 +35,11 @@ import threading
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from agent.decision import ExecEvent
 from agent.scope import MountWatcher, ScopeTracker
 from agent.sensors import fanotify_scope as scope
 from agent.sensors import fanotify_sys as fs
+from agent.sensors.fanotify_fuse import FuseBreaker, limit_for
 from agent.sensors.fanotify_marks import GUARDED, STAMPED, FsMarks
 from agent.sensors.fanotify_model import (
     ALLOW_ONCE,
@@ -121,6 +123,7 @@ class FanotifyBackend:
         mounts_every_s: float = MOUNTS_EVERY_S,
         on_write_open: Optional[Callable[[int, int], None]] = None,
         on_guard_lost: Optional[Callable[[], None]] = None,
+        on_fuse_cut: Optional[Callable[[str, str], None]] = None,
     ) -> None:
         if deadline_s <= 0:
             raise ValueError(f"deadline_s must be positive, got {deadline_s}")
@@ -151,6 +154,12 @@ class FanotifyBackend:
         # see it (FanotifyRunner.alive)
         self.guard_heartbeat = Heartbeat("fanotify write guard")
         self._mounts_every = mounts_every_s
+        # a FUSE filesystem in scope whose daemon stops answering the agent's open of an
+        # event's file (inside read(2)) or its reads would hold the loop or a worker for
+        # ever, past any SIGKILL: it is aborted first (agent/sensors/fanotify_fuse.py)
+        self._fuse = FuseBreaker(limit_for(self._deadline), self._marks.fuse_in_scope,
+                                 self.heartbeat.silent_for, self._busy_worker_tids,
+                                 on_cut=on_fuse_cut)
         self._watcher: Optional[MountWatcher] = None
         # answered by nobody yet, in deadline order (insertion order: a fixed deadline)
         self._pending: Dict[int, Pending] = {}
@@ -261,6 +270,7 @@ class FanotifyBackend:
             self._spawn(self._worker, f"fanotify-decide-{i}")
         if self._observer is not None:
             self._spawn(self._notifier, "fanotify-notify")
+        self._fuse.start()
         # from now on a mount anywhere in the agent's namespace is classified and, when in
         # scope, marked: the window is the watcher's wake-up and one round (docs/fanotify.md)
         self._watcher = MountWatcher(self._on_mounts, every_s=self._mounts_every)
@@ -273,6 +283,7 @@ class FanotifyBackend:
             self._state = "stopped"
             return
         self._stopping = True
+        self._fuse.stop()
         if self._watcher is not None:
             self._watcher.stop()  # no new marks while the group goes
         os.write(self._wake_w, b"x")
@@ -337,8 +348,13 @@ class FanotifyBackend:
                    mount_watch_errors=watcher.errors if watcher is not None else 0,
                    mount_watch="running" if watcher is not None and watcher.alive() else
                    "stopped", scope_partial=self._tracker.view.partial)
+        out.update(self._fuse.stats())
         out["last_error"] = self._last_error
         return out
+
+    def _busy_worker_tids(self) -> List[int]:
+        """The decide workers in the middle of a decision (for the FUSE breaker)."""
+        return [c.tid for c in list(self._clocks) if c.busy_since is not None]
 
     def stalled_s(self) -> float:
         """How long execs have waited for the workers while none of them made progress
@@ -562,7 +578,8 @@ class FanotifyBackend:
         except Exception as exc:  # EMFILE on a /proc read, or a bug: deny, never hang
             if not isinstance(exc, OSError):
                 self._failure("loop_errors", exc)
-            self._quick(ev, False, Cause.ERROR, path, t0, f"cannot read the event: {exc}")
+            self._quick(ev, False, Cause.ERROR, path, t0, f"cannot read the event: {exc}",
+                        event=_unread(ev.pid, path, self.backend_name))
             return
         # the write-open count before anything reads the bytes or the memo (_ignore)
         writes = self.write_opens.count(st.st_dev, st.st_ino)
@@ -733,15 +750,16 @@ class FanotifyBackend:
 
     def _quick(
         self, ev: fs.Event, allow: bool, cause: Cause, path: str, t0: int, detail: str = "",
-        note: bool = True,
+        note: bool = True, event: Optional[ExecEvent] = None,
     ) -> None:
-        """Answer on the loop; ``note`` False: counted only (a plain open: no observer)."""
+        """Answer on the loop; ``note`` False: counted only (a plain open: no observer);
+        ``event``: what is known of the exec, for its record."""
         with self._lock:
             self._respond(ev.fd, allow)
             self._count(allow, cause, t0)
         _close(ev.fd)
         if note:
-            self._note(Outcome(cause, allow, ev.pid, path, None, _us(t0), detail))
+            self._note(Outcome(cause, allow, ev.pid, path, event, _us(t0), detail))
 
     def _expire_due(self) -> None:
         """Within a batch: expire only when the earliest deadline has passed (cheap)."""
@@ -937,6 +955,17 @@ def _per_uid(max_pending: int) -> int:
     """One uid may hold a quarter of the waiting execs (at least 8): the rest stays free
     for everybody else during its flood."""
     return max(8, max_pending // 4)
+
+
+def _unread(pid: int, path: str, backend: str) -> Optional[ExecEvent]:
+    """The event of an exec whose file could not be read (a stat refused: a user's FUSE
+    mount refuses root), so that its denial is on record; None when /proc has no more."""
+    if not path:
+        return None
+    try:
+        return scope.exec_event(pid, path, None, backend)
+    except Exception:
+        return None
 
 
 def _unchanged(p: Pending) -> bool:

@@ -66,6 +66,7 @@ from agent.scope.classify import NO_EXECUTABLES
 from agent.scope.live import mount_id_of_fd
 from agent.scope.mountinfo import Mount
 from agent.sensors import fanotify_sys as fs
+from agent.sensors.fanotify_fuse import admin_access
 from agent.sensors.fanotify_writes import (
     STACKED,
     guardable,
@@ -180,6 +181,14 @@ class FsMarks:
     def fstype(self, dev: int) -> str:
         return self._fstypes.get(dev, "")
 
+    def fuse_in_scope(self) -> Dict[int, str]:
+        """The FUSE filesystems (fuse, fuse.*, fuseblk) the last round wanted marked: dev ->
+        name. Memory only, no lock (agent/sensors/fanotify_fuse.py reads it from its own
+        thread while the loop may be stuck)."""
+        types, names = self._fstypes, self._names
+        return {d: names.get(d, str(d)) for d in list(self._wanted)
+                if types.get(d, "").startswith("fuse")}
+
     def write_proof(self, dev: int) -> Optional[str]:
         """What shows that a stamp-keyed verdict for a file of filesystem ``dev`` (its
         mount's device) still covers the bytes: STAMPED (every write changes the stamp),
@@ -236,7 +245,7 @@ class FsMarks:
         last: Optional[OSError] = None
         for mask in masks:
             try:
-                self._call(fs.FAN_MARK_ADD | fs.FAN_MARK_FILESYSTEM, fd, mask)
+                self._call(fs.FAN_MARK_ADD | fs.FAN_MARK_FILESYSTEM, fd, mask, ms[0].fstype)
                 self.n["filesystems_marked"] += 1
                 return mask
             except OSError as exc:
@@ -244,7 +253,7 @@ class FsMarks:
                     raise
                 why = _refusal(exc)
             try:
-                self._call(fs.FAN_MARK_ADD | fs.FAN_MARK_MOUNT, fd, mask)
+                self._call(fs.FAN_MARK_ADD | fs.FAN_MARK_MOUNT, fd, mask, ms[0].fstype)
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
@@ -322,7 +331,8 @@ class FsMarks:
             if fd is None:
                 continue
             try:
-                self._call(fs.FAN_MARK_ADD | fs.FAN_MARK_FILESYSTEM, fd, self._want(dev))
+                self._call(fs.FAN_MARK_ADD | fs.FAN_MARK_FILESYSTEM, fd, self._want(dev),
+                           m.fstype)
             except OSError as exc:
                 if exc.errno not in REFUSED:  # ENOMEM and the like: the next round retries
                     self._failed(f"filesystem mark on {_name(m)}", exc)
@@ -345,7 +355,7 @@ class FsMarks:
             if fd is None:
                 continue
             try:
-                self._call(fs.FAN_MARK_ADD | fs.FAN_MARK_MOUNT, fd, mask)
+                self._call(fs.FAN_MARK_ADD | fs.FAN_MARK_MOUNT, fd, mask, m.fstype)
                 self.n["mounts_marked"] += 1
             except OSError as exc:
                 self._failed(f"mount mark on {_name(m)}", exc)
@@ -382,12 +392,26 @@ class FsMarks:
                 fds.release(m)
 
     # -- helpers ------------------------------------------------------------------------
-    def _call(self, flags: int, fd: int, mask: Optional[int] = None) -> None:
+    def _call(self, flags: int, fd: int, mask: Optional[int] = None, fstype: str = "") -> None:
         with self._lock:
             group = self._group()
             if group < 0:
                 raise GroupClosed()
-            fs.mark_through_fd(group, flags, self.mask if mask is None else mask, fd)
+            want = self.mask if mask is None else mask
+            try:
+                fs.mark_through_fd(group, flags, want, fd)
+            except PermissionError:
+                # a user's FUSE mount refuses root unless fuse lets it in for the mark
+                # (agent/sensors/fanotify_fuse.admin_access); without that it stays
+                # unmarked, in mark_fallbacks and mark_last_error
+                if not fstype.startswith("fuse"):
+                    raise
+                try:
+                    with admin_access():
+                        fs.mark_through_fd(group, flags, want, fd)
+                except OSError as exc:
+                    raise PermissionError(exc.errno or errno.EACCES,
+                                          f"{exc} (with fuse allow_sys_admin_access)") from exc
 
     def _kernel_marks(self) -> Optional[fs.GroupMarks]:
         with self._lock:

@@ -171,8 +171,10 @@ def is_executable(mode: int) -> bool:
     return stat.S_ISREG(mode) and bool(mode & 0o111)
 
 
-def exec_event(pid: int, path: str, st: os.stat_result, backend: str) -> ExecEvent:
-    """The ExecEvent for an event fd: identity from its fstat, the rest from /proc."""
+def exec_event(pid: int, path: str, st: Optional[os.stat_result], backend: str) -> ExecEvent:
+    """The ExecEvent for an event fd: identity from its fstat (None: it could not be
+    read, and the identity is zeros: the record of an exec denied for that), the rest
+    from /proc."""
     info = proc_info(pid)
     return ExecEvent(
         pid=pid,
@@ -181,7 +183,7 @@ def exec_event(pid: int, path: str, st: os.stat_result, backend: str) -> ExecEve
         auid=info.auid,
         comm=info.comm,
         path=path,
-        identity=file_identity(st),
+        identity=file_identity(st) if st is not None else FileIdentity(0, 0, 0, 0),
         timestamp_ns=time.time_ns(),
         backend=backend,
         gid=info.gid,

@@ -6,11 +6,12 @@ here every value a kernel may show (or not have) is tried.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Dict, Optional
 
 import pytest
 
-from agent.hardening import ia32_emulation, read_settings, read_sysctl
+from agent.hardening import fuse_marks, ia32_emulation, read_settings, read_sysctl
 
 
 def settings(values: Dict[str, Optional[str]]) -> Dict[str, object]:
@@ -66,3 +67,20 @@ def test_read_sysctl_reads_this_host() -> None:
 def test_ia32_emulation(cmdline: str, config: Dict[str, str], ok: bool) -> None:
     h = ia32_emulation(cmdline, lambda option: config.get(option, "n"))
     assert h.ok is ok and h.matters_for == "kill"
+
+
+def test_fuse_marks_need_allow_sys_admin_access_on_a_host_with_fuse(tmp_path: Path) -> None:
+    param = tmp_path / "allow_sys_admin_access"
+    missing = fuse_marks(str(param), fuse_known=True)
+    assert not missing.ok and "fusermount3" in missing.detail
+    assert fuse_marks(str(param), fuse_known=False).ok  # no FUSE: nothing to mark
+    param.write_text("N\n")
+    present = fuse_marks(str(param), fuse_known=True)
+    assert present.ok and present.value == "N"
+
+
+@pytest.mark.parametrize("value", [None, "0", "5"])
+def test_a_fuse_request_bound_is_reported_and_never_required(value: Optional[str]) -> None:
+    h = settings({"fs.fuse.max_request_timeout": value})["fs.fuse.max_request_timeout"]
+    assert h.ok is True  # type: ignore[attr-defined]
+    assert ("the kernel aborts" in h.detail) is (value == "5")  # type: ignore[attr-defined]
