@@ -37,6 +37,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 from agent.decision import ExecEvent
 from agent.scope import MountWatcher, ScopeTracker
+from agent.scope.live import mount_id_of_fd
 from agent.sensors import fanotify_scope as scope
 from agent.sensors import fanotify_sys as fs
 from agent.sensors.fanotify_fuse import FuseBreaker, limit_for
@@ -159,7 +160,7 @@ class FanotifyBackend:
         # ever, past any SIGKILL: it is aborted first (agent/sensors/fanotify_fuse.py)
         self._fuse = FuseBreaker(limit_for(self._deadline), self._marks.fuse_in_scope,
                                  self.heartbeat.silent_for, self._busy_worker_tids,
-                                 on_cut=on_fuse_cut)
+                                 on_cut=on_fuse_cut, forget=self._marks.forget_fuse)
         self._watcher: Optional[MountWatcher] = None
         # answered by nobody yet, in deadline order (insertion order: a fixed deadline)
         self._pending: Dict[int, Pending] = {}
@@ -250,6 +251,10 @@ class FanotifyBackend:
         self._group = fs.fanotify_init(flags, fs.EVENT_F_FLAGS | os.O_CLOEXEC)
         self._wake_r, self._wake_w = os.pipe()
         self._state = "starting"
+        # the breaker watches the marking too: a FUSE mount's mark call can wait for its
+        # daemon while holding the lock every other thread needs
+        self.heartbeat.beat()
+        self._fuse.start()
         masks = [self._want_mask] if self._want_mask else list(fs.MASK_NAMES)
         try:
             # Marks first, so the mask is known before any event is handled; an event that
@@ -270,7 +275,6 @@ class FanotifyBackend:
             self._spawn(self._worker, f"fanotify-decide-{i}")
         if self._observer is not None:
             self._spawn(self._notifier, "fanotify-notify")
-        self._fuse.start()
         # from now on a mount anywhere in the agent's namespace is classified and, when in
         # scope, marked: the window is the watcher's wake-up and one round (docs/fanotify.md)
         self._watcher = MountWatcher(self._on_mounts, every_s=self._mounts_every)
@@ -283,7 +287,6 @@ class FanotifyBackend:
             self._state = "stopped"
             return
         self._stopping = True
-        self._fuse.stop()
         if self._watcher is not None:
             self._watcher.stop()  # no new marks while the group goes
         os.write(self._wake_w, b"x")
@@ -309,6 +312,7 @@ class FanotifyBackend:
                 t.join(join_s)  # a decide() stuck forever stays behind (daemon thread)
         for fd in (self._wake_r, self._wake_w):
             os.close(fd)
+        self._fuse.stop()  # last: a stall while stopping must still be cut
         self._state = "stopped"
 
     def set_answers(self, on_timeout_allow: bool, overload_allow: bool) -> None:
@@ -351,6 +355,16 @@ class FanotifyBackend:
         out.update(self._fuse.stats())
         out["last_error"] = self._last_error
         return out
+
+    def _fuse_owner(self, fd: int) -> Optional[int]:
+        """The mounting user of the FUSE filesystem ``fd`` is on, when it is a user's (not
+        root's) and marked through a mount of ours; from fdinfo, with no stat of the file
+        (a user's FUSE filesystem refuses root's)."""
+        if not self._marks.any_user_fuse():
+            return None
+        mid = mount_id_of_fd(fd)
+        m = self._tracker.mount(mid) if mid is not None else None
+        return self._marks.fuse_user(m.dev) if m is not None else None
 
     def _busy_worker_tids(self) -> List[int]:
         """The decide workers in the middle of a decision (for the FUSE breaker)."""
@@ -562,6 +576,13 @@ class FanotifyBackend:
             # mount shows, the scope view. A mount of another namespace is looked up in the
             # caller's own table; one nobody's table names (open_tree), or a file without a
             # name, is in scope.
+            owner = self._fuse_owner(ev.fd)
+            if owner:  # before any stat or read of it (docs/fanotify.md, "FUSE")
+                self._quick(ev, False, Cause.ERROR, path, t0,
+                            f"on a FUSE filesystem of user {owner}: its daemon can show the "
+                            "agent other bytes than the exec runs; denied unread",
+                            event=_unread(ev.pid, path, self.backend_name))
+                return
             place = self._tracker.place_fd(ev.fd, path, ev.pid)
             if not place.in_scope:  # a PARTIAL filesystem's file outside its scope dirs
                 self._quick(ev, True, Cause.OUT_OF_SCOPE, path, t0)

@@ -35,14 +35,35 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 CONNECTIONS = "/sys/fs/fuse/connections"
 ADMIN_ACCESS = "/sys/module/fuse/parameters/allow_sys_admin_access"
-FUSE_WAITS = ("request_wait_answer",)  # fs/fuse/dev.c: waiting for the daemon's answer
+WAIT_ANSWER = "request_wait_answer"  # fs/fuse/dev.c: waiting for the daemon's answer
 TICK_MAX_S = 0.25
+LIMIT_MAX_S = 5.0  # well inside systemd's watchdog window (WatchdogSec=20s: 10 s)
+_ADMIN_LOCK = threading.Lock()  # admin_access() across every group's marks (a re-mark)
+_admin_users = 0
+_admin_before = ""
 
 
 def limit_for(deadline_s: float) -> float:
-    """Twice the decision deadline, at least 1 s, and never past 4 x the deadline: the
-    watchdog kills a silent loop at 4 x deadline + 1 s, and by then it must be unstuck."""
-    return min(max(1.0, 2 * deadline_s), 4 * deadline_s)
+    """Twice the decision deadline, at least 1 s, and never past 4 x the deadline (the
+    fanotify watchdog kills a silent loop at 4 x deadline + 1 s) nor LIMIT_MAX_S (the
+    service watchdog's window): by then it must be unstuck."""
+    return min(max(1.0, 2 * deadline_s), 4 * deadline_s, LIMIT_MAX_S)
+
+
+def in_fuse_wait(wchan: str) -> bool:
+    """A thread blocked inside FUSE: waiting for an answer, or for a request slot."""
+    return wchan == WAIT_ANSWER or wchan.startswith("fuse_")
+
+
+def user_of(super_options: str) -> Optional[int]:
+    """A FUSE filesystem's ``user_id=`` (its mounting user), None when it has none."""
+    for opt in super_options.split(","):
+        if opt.startswith("user_id="):
+            try:
+                return int(opt[len("user_id="):])
+            except ValueError:
+                return None
+    return None
 
 
 def connection_name(dev: int) -> str:
@@ -71,11 +92,12 @@ class Waits:
         return longest
 
 
-def to_cut(stuck_s: float, limit_s: float, waiting: Dict[int, Optional[int]]) -> List[int]:
-    """The FUSE filesystems (dev -> requests waiting) to abort after being stuck ``stuck_s``."""
+def to_cut(stuck_s: float, limit_s: float, waited: Dict[int, float]) -> List[int]:
+    """The FUSE filesystems to abort after the agent was stuck ``stuck_s``: those that have
+    had requests waiting, without a break, for as long (``waited``: dev -> seconds)."""
     if stuck_s <= limit_s:
         return []
-    return [dev for dev, n in waiting.items() if n]
+    return [dev for dev, w in waited.items() if w > limit_s]
 
 
 class Connections:
@@ -88,9 +110,8 @@ class Connections:
         self.problem = ""
 
     def find(self) -> Optional[str]:
-        if self.root is not None and os.path.isdir(self.root):
-            return self.root
-        self.root = _fusectl_mount() or self._mount()
+        found = _fusectl_mount()  # again each time: it may have been unmounted
+        self.root = found or self._mount()
         return self.root
 
     def waiting(self, dev: int) -> Optional[int]:
@@ -131,34 +152,43 @@ def admin_access(param: str = ADMIN_ACCESS) -> Iterator[None]:
     placed; everything the agent does there later is still refused (and so denied), so the
     window is only the mark call. OSError when the kernel has no such parameter (before
     6.0): the filesystem then stays unmarked, and says so."""
-    with open(param) as fh:
-        before = fh.read().strip()
-    if before == "Y":
-        yield
-        return
-    with open(param, "w") as fh:
-        fh.write("Y")
+    global _admin_users, _admin_before
+    with _ADMIN_LOCK:  # two groups mark at once during a re-mark: one raise, one restore
+        if _admin_users == 0:
+            with open(param) as fh:
+                _admin_before = fh.read().strip()
+            if _admin_before != "Y":
+                with open(param, "w") as fh:
+                    fh.write("Y")
+        _admin_users += 1
     try:
         yield
     finally:
-        with open(param, "w") as fh:
-            fh.write(before or "N")
+        with _ADMIN_LOCK:
+            _admin_users -= 1
+            if _admin_users == 0 and _admin_before != "Y":
+                with open(param, "w") as fh:
+                    fh.write(_admin_before or "N")
 
 
 class FuseBreaker:
     """Watches the agent's threads from its own thread and aborts what holds them.
 
-    ``in_scope()`` -> {dev: name} of the FUSE filesystems in scope (memory only, no lock);
-    ``loop_silent()`` -> seconds since the event loop beat; ``busy_workers()`` -> tids of
-    decide workers in the middle of a decision; ``on_cut(name, why)`` hears each abort."""
+    ``in_scope()`` -> {dev: name} of the FUSE filesystems marked or being marked (memory
+    only, no lock: kept after an unmount, while the kernel may still hold their marks);
+    ``forget(dev)`` drops one whose connection is gone; ``loop_silent()`` -> seconds since
+    the event loop beat; ``busy_workers()`` -> tids of decide workers in the middle of a
+    decision; ``on_cut(name, why)`` hears each abort."""
 
     def __init__(self, limit_s: float, in_scope: Callable[[], Dict[int, str]],
                  loop_silent: Callable[[], float], busy_workers: Callable[[], Iterable[int]],
                  on_cut: Optional[Callable[[str, str], None]] = None,
-                 connections: Optional[Connections] = None) -> None:
+                 connections: Optional[Connections] = None,
+                 forget: Optional[Callable[[int], None]] = None) -> None:
         self.limit_s = limit_s
         self._in_scope, self._loop_silent = in_scope, loop_silent
-        self._busy_workers, self._on_cut = busy_workers, on_cut
+        self._busy_workers, self._on_cut, self._forget = busy_workers, on_cut, forget
+        self._waiting_since: Dict[int, float] = {}  # dev -> since when requests wait
         self._conns = connections or Connections()
         self._fuse_waits, self._worker_waits = Waits(), Waits()
         self.aborted = 0
@@ -188,9 +218,10 @@ class FuseBreaker:
         if not fuse:
             self._fuse_waits.seen.clear()
             self._worker_waits.seen.clear()
+            self._waiting_since.clear()
             return []
         stuck, why = self._stuck(now)
-        cut = to_cut(stuck, self.limit_s, {dev: self._conns.waiting(dev) for dev in fuse})
+        cut = to_cut(stuck, self.limit_s, self._waited(now, fuse))
         done = []
         for dev in cut:
             name = fuse[dev]
@@ -207,6 +238,19 @@ class FuseBreaker:
                 self._on_cut(name, f"{why} for {stuck:.1f}s")
         return done
 
+    def _waited(self, now: float, fuse: Dict[int, str]) -> Dict[int, float]:
+        """dev -> how long its requests have been waiting without a break."""
+        out: Dict[int, float] = {}
+        for dev in fuse:
+            n = self._conns.waiting(dev)
+            if n is None and self._conns.root is not None and self._forget is not None:
+                self._forget(dev)  # the connection is gone: nothing left to cut
+            if not n:
+                self._waiting_since.pop(dev, None)
+                continue
+            out[dev] = now - self._waiting_since.setdefault(dev, now)
+        return out
+
     def _stuck(self, now: float) -> Tuple[float, str]:
         loop = self._loop_silent()
         fuse_threads: Dict[int, int] = {}
@@ -216,7 +260,7 @@ class FuseBreaker:
             cpu = _cpu_ns(tid)
             if cpu is None:
                 continue
-            if _wchan(tid) in FUSE_WAITS:
+            if in_fuse_wait(_wchan(tid)):
                 fuse_threads[tid] = cpu
             if tid in busy:
                 workers[tid] = cpu

@@ -66,7 +66,7 @@ from agent.scope.classify import NO_EXECUTABLES
 from agent.scope.live import mount_id_of_fd
 from agent.scope.mountinfo import Mount
 from agent.sensors import fanotify_sys as fs
-from agent.sensors.fanotify_fuse import admin_access
+from agent.sensors.fanotify_fuse import admin_access, user_of
 from agent.sensors.fanotify_writes import (
     STACKED,
     guardable,
@@ -122,6 +122,8 @@ class FsMarks:
              "mounts_unmarked", "mark_errors"), 0)
         self.last_error = ""
         self._wanted: List[int] = []  # the filesystems the last round wanted marked
+        self._fuse: Dict[int, str] = {}  # fuse_in_scope()
+        self._fuse_users: Dict[int, int] = {}  # FUSE dev -> its mounting user (user_id=)
 
     # -- public -------------------------------------------------------------------------
     def start(self, view: ScopeView, mounts: List[Mount], masks: Sequence[int]) -> int:
@@ -182,12 +184,31 @@ class FsMarks:
         return self._fstypes.get(dev, "")
 
     def fuse_in_scope(self) -> Dict[int, str]:
-        """The FUSE filesystems (fuse, fuse.*, fuseblk) the last round wanted marked: dev ->
-        name. Memory only, no lock (agent/sensors/fanotify_fuse.py reads it from its own
-        thread while the loop may be stuck)."""
-        types, names = self._fstypes, self._names
-        return {d: names.get(d, str(d)) for d in list(self._wanted)
-                if types.get(d, "").startswith("fuse")}
+        """The FUSE filesystems (fuse, fuse.*, fuseblk) marked or about to be: dev -> name.
+        Noted before the mark call (a mark may itself wait for the daemon) and kept after an
+        unmount (the kernel keeps a mark while anything holds the filesystem) until
+        ``forget_fuse``. Memory only, no lock (agent/sensors/fanotify_fuse.py reads it from
+        its own thread while the loop may be stuck)."""
+        return dict(self._fuse)
+
+    def forget_fuse(self, dev: int) -> None:
+        """Its FUSE connection is gone."""
+        self._fuse.pop(dev, None)
+
+    def any_user_fuse(self) -> bool:
+        """A FUSE filesystem mounted by a user other than root is (or was) marked."""
+        return any(self._fuse_users.values())
+
+    def fuse_user(self, dev: int) -> Optional[int]:
+        """The mounting user of FUSE filesystem ``dev`` (None: not FUSE, or no user_id)."""
+        return self._fuse_users.get(dev)
+
+    def _note_fuse(self, dev: int, m: Mount) -> None:
+        if m.fstype.startswith("fuse"):
+            self._fuse[dev] = _name(m)
+            user = user_of(m.super_options)
+            if user is not None:
+                self._fuse_users[dev] = user
 
     def write_proof(self, dev: int) -> Optional[str]:
         """What shows that a stamp-keyed verdict for a file of filesystem ``dev`` (its
@@ -242,6 +263,7 @@ class FsMarks:
         fd = next((f for f in (fds.get(m) for m in ms) if f is not None), None)
         if fd is None:
             raise OSError(errno.ENOENT, f"no mount of {_name(ms[0])} could be opened")
+        self._note_fuse(dev, ms[0])
         last: Optional[OSError] = None
         for mask in masks:
             try:
@@ -298,6 +320,7 @@ class FsMarks:
         for dev, ms in wanted.items():
             self._fstypes[dev] = ms[0].fstype
             self._names[dev] = _name(ms[0])
+            self._note_fuse(dev, ms[0])
         if kernel is None:
             kernel = self._kernel_marks() or fs.GroupMarks({}, {})
         present = {m.dev for m in mounts}
@@ -409,8 +432,8 @@ class FsMarks:
                 try:
                     with admin_access():
                         fs.mark_through_fd(group, flags, want, fd)
-                except OSError as exc:
-                    raise PermissionError(exc.errno or errno.EACCES,
+                except OSError as exc:  # EACCES whatever failed: a refusal (mark_fallbacks)
+                    raise PermissionError(errno.EACCES,
                                           f"{exc} (with fuse allow_sys_admin_access)") from exc
 
     def _kernel_marks(self) -> Optional[fs.GroupMarks]:

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Dict, Iterator, Optional
 
 import pytest
 
@@ -39,6 +39,19 @@ pytestmark = [
 ]
 
 DEADLINE_MS = 500  # the policy's; the watchdog's stall limit is then 3 s
+UNIT = REPO / "packaging" / "execguard.service"
+
+
+def as_the_unit() -> Dict[str, Any]:
+    """running_agent() arguments that run this checkout's agent with the shipped unit's
+    capability bounding set, as the service runs it (a user's fusectl abort file needs
+    CAP_DAC_OVERRIDE: found in review, when the tests ran the agent with every capability)."""
+    line = next(x for x in UNIT.read_text().splitlines()
+                if x.startswith("CapabilityBoundingSet="))
+    caps = ",".join("+" + c.lower()[len("cap_"):] for c in line.split("=", 1)[1].split())
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return {"execguard": ("setpriv", f"--bounding-set=-all,{caps}", sys.executable, "-m",
+                          "agent"), "env": env}
 
 
 @pytest.fixture
@@ -89,7 +102,7 @@ def test_a_fuse_file_that_never_answers_the_agent_is_cut_off_not_waited_for(
         policy = enforce_policy(tmp_path / "policy.toml", scope, material.keys["a"],
                                 DEADLINE_MS)
         with running_agent(tmp_path, "--policy", str(policy), "--backend", "fanotify-exec",
-                           "--audit", "off") as agent:
+                           "--audit", "off", **as_the_unit()) as agent:
             assert exec_file(signed).returncode == 0
             with stalling_fuse(scope / "fuse", payload, agent.proc.pid, uid=uid) as prog:
                 # the mount watcher marks the new filesystem in scope
@@ -132,7 +145,7 @@ def test_fuse_reads_that_never_answer_do_not_hold_the_decide_workers(
         policy = enforce_policy(tmp_path / "policy.toml", scope, material.keys["a"],
                                 DEADLINE_MS)
         with running_agent(tmp_path, "--policy", str(policy), "--backend", "fanotify-exec",
-                           "--audit", "off") as agent:
+                           "--audit", "off", **as_the_unit()) as agent:
             workers = 4  # FanotifyBackend's default
             with stalling_fuse(scope / "fuse", payload, agent.proc.pid, stall="read") as prog:
                 wait_for(lambda: any("fuse" in m for m in agent.status()["sensor"]["marked"]),
@@ -163,12 +176,14 @@ def test_fuse_reads_that_never_answer_do_not_hold_the_decide_workers(
                 assert agent.proc.poll() is None
 
 
-def test_a_users_fuse_mount_in_scope_is_judged_like_any_filesystem(
+def test_a_users_fuse_mount_in_scope_is_marked_and_its_execs_denied_unread(
         tmp_path: Path, material: Material) -> None:
     """fusermount3 mounts without allow_other: the filesystem refuses every other user, root
     too, and so refused the agent's fanotify mark (EACCES), and the user's unsigned program
     there ran unjudged (found here; now the mark goes on with fuse's
-    allow_sys_admin_access raised for the call). The daemon answers everybody."""
+    allow_sys_admin_access raised for the call). Its execs are then denied without a read:
+    the user's daemon could show the agent other bytes than the exec runs. The daemon
+    answers everybody."""
     app = material.bins["app"]
     with scoped_tmpfs() as scope:
         payload = scope / "payload"
@@ -176,7 +191,7 @@ def test_a_users_fuse_mount_in_scope_is_judged_like_any_filesystem(
         policy = enforce_policy(tmp_path / "policy.toml", scope, material.keys["a"],
                                 DEADLINE_MS)
         with running_agent(tmp_path, "--policy", str(policy), "--backend", "fanotify-exec",
-                           "--audit", "off") as agent:
+                           "--audit", "off", **as_the_unit()) as agent:
             with stalling_fuse(scope / "fuse", payload, agent.proc.pid, stall="none",
                                uid=NOBODY) as prog:
                 wait_for(lambda: any("fuse" in m for m in agent.status()["sensor"]["marked"]),
@@ -186,6 +201,7 @@ def test_a_users_fuse_mount_in_scope_is_judged_like_any_filesystem(
                 assert done.returncode == 126, done
                 records = agent.wait_decision(str(prog))
                 assert [r["decision"] for r in records] == ["deny"], records
+                assert "FUSE filesystem of user 65534" in records[0]["detail"], records
                 assert agent.status()["sensor"]["fuse_aborted"] == 0
             with open("/sys/module/fuse/parameters/allow_sys_admin_access") as fh:
                 assert fh.read().strip() == "N"  # raised for the mark call only

@@ -37,8 +37,9 @@ pytestmark = [pytest.mark.timeout(240)]
 UNIT = "execguard.service"
 WATCHDOG_S = 6
 # the unit's CapabilityBoundingSet, by capability number (linux/capability.h)
-CAPS = {"CAP_DAC_READ_SEARCH": 2, "CAP_KILL": 5, "CAP_SYS_PTRACE": 19, "CAP_SYS_ADMIN": 21,
-        "CAP_LEASE": 28, "CAP_AUDIT_WRITE": 29, "CAP_PERFMON": 38, "CAP_BPF": 39}
+CAPS = {"CAP_DAC_OVERRIDE": 1, "CAP_DAC_READ_SEARCH": 2, "CAP_KILL": 5, "CAP_SYS_PTRACE": 19,
+        "CAP_SYS_ADMIN": 21, "CAP_LEASE": 28, "CAP_AUDIT_WRITE": 29, "CAP_PERFMON": 38,
+        "CAP_BPF": 39}
 PROPS = ("ActiveState", "SubState", "MainPID", "NRestarts", "StatusText", "Result")
 
 

@@ -18,7 +18,8 @@ from agent.sensors.fanotify_watchdog import HARD_FACTOR, HARD_SLACK_S
 def test_the_breaker_acts_before_the_watchdog_would_kill_the_loop(deadline: float) -> None:
     limit = ff.limit_for(deadline)
     assert limit < HARD_FACTOR * deadline + HARD_SLACK_S  # the watchdog's running limit
-    assert limit > deadline / 4  # past the loop's idle beat: a quiet loop is not stuck
+    assert limit > min(deadline / 4, 0.5)  # past the loop's idle beat (FanotifyBackend)
+    assert limit <= ff.LIMIT_MAX_S  # inside the service watchdog's window
 
 
 def test_the_default_deadline_gives_a_one_second_limit() -> None:
@@ -41,10 +42,23 @@ def test_a_thread_that_runs_starts_its_wait_again() -> None:
     assert w.update(15.0, {7: 250}) == 0.0
 
 
-def test_only_filesystems_with_requests_waiting_are_cut_and_only_past_the_limit() -> None:
-    waiting: Dict[int, Optional[int]] = {1: 0, 2: 3, 3: None}
-    assert ff.to_cut(0.9, 1.0, waiting) == []
-    assert ff.to_cut(1.1, 1.0, waiting) == [2]
+def test_only_filesystems_whose_requests_waited_all_along_are_cut_past_the_limit() -> None:
+    waited: Dict[int, float] = {1: 0.2, 2: 1.3}  # 1: a busy filesystem that keeps answering
+    assert ff.to_cut(0.9, 1.0, waited) == []
+    assert ff.to_cut(1.1, 1.0, waited) == [2]
+
+
+@pytest.mark.parametrize("wchan,inside", [("request_wait_answer", True),
+                                          ("fuse_get_req", True), ("do_epoll_wait", False),
+                                          ("", False)])
+def test_a_thread_inside_fuse_is_recognised(wchan: str, inside: bool) -> None:
+    assert ff.in_fuse_wait(wchan) is inside
+
+
+def test_the_mounting_user_of_a_fuse_filesystem() -> None:
+    assert ff.user_of("rw,user_id=65534,group_id=65534") == 65534
+    assert ff.user_of("rw,user_id=0,group_id=0,allow_other") == 0
+    assert ff.user_of("rw,size=10k") is None
 
 
 class FakeConnections(ff.Connections):
@@ -77,12 +91,37 @@ def test_a_silent_loop_cuts_every_fuse_filesystem_in_scope_that_keeps_requests(
                              lambda: silent[0], lambda: [],
                              on_cut=lambda name, why: heard.append(name),
                              connections=FakeConnections(tmp_path))
-    assert breaker.tick(100.0) == []
+    assert breaker.tick(100.0) == []  # a's requests wait from here on
     silent[0] = 1.5
-    assert breaker.tick(101.0) == ["fuse at /s/a"]
+    assert breaker.tick(100.5) == []  # stuck, but a's requests waited only 0.5 s
+    assert breaker.tick(101.2) == ["fuse at /s/a"]
     assert (da / "abort").read_text() == "1" and (db / "abort").read_text() == ""
     assert heard == ["fuse at /s/a"] and breaker.aborted == 1
     assert "event loop silent" in str(breaker.stats()["fuse_last_aborted"])
+
+
+def test_a_connection_that_is_gone_is_forgotten(tmp_path: Path) -> None:
+    a = os.makedev(0, 52)
+    forgotten: List[int] = []
+    breaker = ff.FuseBreaker(1.0, lambda: {a: "fuse at /s/a"}, lambda: 0.0, lambda: [],
+                             connections=FakeConnections(tmp_path), forget=forgotten.append)
+    breaker.tick(1.0)
+    assert forgotten == [a]
+
+
+def test_admin_access_is_raised_once_and_put_back_after_the_last_user(tmp_path: Path) -> None:
+    param = tmp_path / "allow_sys_admin_access"
+    param.write_text("N\n")
+    with ff.admin_access(str(param)):
+        assert param.read_text() == "Y"
+        with ff.admin_access(str(param)):  # a second group marking meanwhile
+            assert param.read_text() == "Y"
+        assert param.read_text() == "Y"
+    assert param.read_text() == "N"
+    param.write_text("Y\n")  # an administrator's Y stays
+    with ff.admin_access(str(param)):
+        pass
+    assert param.read_text() == "Y\n"
 
 
 def test_without_fuse_in_scope_nothing_is_looked_at(tmp_path: Path) -> None:
