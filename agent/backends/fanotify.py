@@ -321,9 +321,11 @@ class FanotifyRunner:
                 Enforcement.NONE if allow else self.enforcement, Source.DEFAULT,
                 policy_version=self.decider.store.current.snapshot.version))
         elif outcome.cause.value in ("changed", "error") and event is not None:
+            # allowed: monitor mode's answer for an exec nothing could be decided for
             self.record(Decision(event, False, Reason.VERIFY_FAILED,
                                  outcome.detail or f"denied: {outcome.cause.value}",
-                                 self.enforcement, Source.DEFAULT))
+                                 Enforcement.MONITOR if outcome.allowed else self.enforcement,
+                                 Source.DEFAULT))
 
     def _observe_shared(self, event: ExecEvent, outcome: Any) -> None:
         """An exec answered with the decision made for another exec of the same file

@@ -91,7 +91,9 @@ class FanotifyBackend:
     the first. Without it each is decided for its own caller (one at a time, by one worker:
     the first verification fills the caller's cache for the rest). ``max_pending`` execs
     (``max_per_uid`` of one real uid) may wait for decisions; past that an exec gets the
-    ``overload_allow`` answer at once (default deny: a flood must not open the door).
+    ``overload_allow`` answer at once (default deny: a flood must not open the door); so
+    does an exec whose event cannot be read, or whose file is on a user's FUSE filesystem
+    (nothing can be decided for it: monitor mode allows it, enforce mode denies it).
 
     ``on_write_open(dev, ino)``, on the loop, before a write-open of a file on a guarded
     filesystem is answered: forget what is remembered of that inode (memory only, like
@@ -578,7 +580,7 @@ class FanotifyBackend:
             # name, is in scope.
             owner = self._fuse_owner(ev.fd)
             if owner:  # before any stat or read of it (docs/fanotify.md, "FUSE")
-                self._quick(ev, False, Cause.ERROR, path, t0,
+                self._quick(ev, self._overload_allow, Cause.ERROR, path, t0,
                             f"on a FUSE filesystem of user {owner}: its daemon can show the "
                             "agent other bytes than the exec runs; denied unread",
                             event=_unread(ev.pid, path, self.backend_name))
@@ -596,10 +598,11 @@ class FanotifyBackend:
                 nameless = st.st_nlink == 0 or path.endswith(" (deleted)")
                 self._n["placed_nameless" if nameless else "placed_foreign"] += 1
             event = scope.exec_event(ev.pid, place.path, st, self.backend_name)
-        except Exception as exc:  # EMFILE on a /proc read, or a bug: deny, never hang
+        except Exception as exc:  # EMFILE on a /proc read, or a bug: deny (monitor: allow)
             if not isinstance(exc, OSError):
                 self._failure("loop_errors", exc)
-            self._quick(ev, False, Cause.ERROR, path, t0, f"cannot read the event: {exc}",
+            self._quick(ev, self._overload_allow, Cause.ERROR, path, t0,
+                        f"cannot read the event: {exc}",
                         event=_unread(ev.pid, path, self.backend_name))
             return
         # the write-open count before anything reads the bytes or the memo (_ignore)

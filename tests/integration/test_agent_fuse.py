@@ -176,20 +176,22 @@ def test_fuse_reads_that_never_answer_do_not_hold_the_decide_workers(
                 assert agent.proc.poll() is None
 
 
+@pytest.mark.parametrize("mode", ["enforce", "monitor"])
 def test_a_users_fuse_mount_in_scope_is_marked_and_its_execs_denied_unread(
-        tmp_path: Path, material: Material) -> None:
+        tmp_path: Path, material: Material, mode: str) -> None:
     """fusermount3 mounts without allow_other: the filesystem refuses every other user, root
     too, and so refused the agent's fanotify mark (EACCES), and the user's unsigned program
     there ran unjudged (found here; now the mark goes on with fuse's
     allow_sys_admin_access raised for the call). Its execs are then denied without a read:
-    the user's daemon could show the agent other bytes than the exec runs. The daemon
-    answers everybody."""
+    the user's daemon could show the agent other bytes than the exec runs (monitor mode
+    lets it run and records the would-deny). The daemon answers everybody."""
     app = material.bins["app"]
     with scoped_tmpfs() as scope:
         payload = scope / "payload"
         shutil.copy2(app.path, payload)
         policy = enforce_policy(tmp_path / "policy.toml", scope, material.keys["a"],
                                 DEADLINE_MS)
+        policy.write_text(policy.read_text().replace('mode = "enforce"', f'mode = "{mode}"'))
         with running_agent(tmp_path, "--policy", str(policy), "--backend", "fanotify-exec",
                            "--audit", "off", **as_the_unit()) as agent:
             with stalling_fuse(scope / "fuse", payload, agent.proc.pid, stall="none",
@@ -198,9 +200,11 @@ def test_a_users_fuse_mount_in_scope_is_marked_and_its_execs_denied_unread(
                          timeout=30)
                 done = subprocess.run([*as_user(NOBODY), "/bin/sh", "-c", 'exec "$0"',
                                        str(prog)], capture_output=True, text=True, timeout=60)
-                assert done.returncode == 126, done
+                assert done.returncode == (126 if mode == "enforce" else 0), done
                 records = agent.wait_decision(str(prog))
                 assert [r["decision"] for r in records] == ["deny"], records
+                assert records[0]["enforcement"] == ("fanotify-deny" if mode == "enforce"
+                                                     else "monitor"), records
                 assert "FUSE filesystem of user 65534" in records[0]["detail"], records
                 assert agent.status()["sensor"]["fuse_aborted"] == 0
             with open("/sys/module/fuse/parameters/allow_sys_admin_access") as fh:
