@@ -96,9 +96,12 @@ def _go_summary(subject: Subject) -> Optional[Dict[str, Any]]:
             out["runtime"] = subject.go_runtime
         return out
     main = info.main
-    return {"evidence": "build-info", "go_version": info.go_version, "path": info.path,
-            "module": main.path if main else None, "version": main.version if main else None,
-            "vcs.modified": info.setting("vcs.modified")}
+    out = {"evidence": "build-info", "go_version": info.go_version, "path": info.path,
+           "module": main.path if main else None, "version": main.version if main else None,
+           "vcs.modified": info.setting("vcs.modified")}
+    if info.no_module_info:  # a GOPATH build, or module info Go would drop (predicates.py)
+        out["no_module_info"] = info.no_module_info
+    return out
 
 
 class Decider:

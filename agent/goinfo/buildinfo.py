@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from dataclasses import replace
 from typing import List, Tuple
 
 from agent.errors import MalformedInput
@@ -135,6 +136,7 @@ def _decode(elf: Elf, seg: Segment, addr: int) -> BuildInfo:
     header = elf.read_va(seg, addr, HEADER_SIZE, "build-info header")
     ptrsize, flags = header[14], header[15]
     inline = bool(flags & FLAG_INLINE)  # tested first, as the flag decides the layout
+    missing = ""
     if inline:
         version, after = _inline_string(elf, seg, addr + HEADER_SIZE, MAX_VERSION, "Go version")
         raw_mod, _ = _inline_string(elf, seg, after, MAX_MODINFO + 32, "module info")
@@ -145,16 +147,25 @@ def _decode(elf: Elf, seg: Segment, addr: int) -> BuildInfo:
         fmt = order + ("I" if ptrsize == 4 else "Q") * 2
         vers_ptr, mod_ptr = struct.unpack_from(fmt, header, 16)
         version = _pointer_string(elf, vers_ptr, ptrsize, order, MAX_VERSION, "Go version")
-        raw_mod = _pointer_string(elf, mod_ptr, ptrsize, order, MAX_MODINFO + 32, "module info")
+        if elf.zero_filled(mod_ptr, 2 * ptrsize):
+            # a GOPATH build (Go 1.13-1.17 without modules) leaves runtime.modinfo empty,
+            # in .bss: a zero string header, which Go reads as no module info
+            raw_mod, missing = b"", "a zero (.bss) runtime.modinfo: built without modules"
+        else:
+            raw_mod = _pointer_string(elf, mod_ptr, ptrsize, order, MAX_MODINFO + 32,
+                                      "module info")
     if not version:
         raise MalformedInput(path, "build info has an empty Go version")
     text = unframe(raw_mod)
     if text is None:
-        raise MalformedInput(path, "module info framing is broken")
+        # Go reports the version alone (debug/buildinfo drops what it cannot unframe): the
+        # file is Go, and claims no modules; predicates on modules then fail closed
+        text, missing = b"", "module info framing is broken"
     try:
-        return parse_modinfo(text, version.decode("utf-8", "surrogateescape"), not inline)
+        info = parse_modinfo(text, version.decode("utf-8", "surrogateescape"), not inline)
     except ModinfoError as exc:
         raise MalformedInput(path, f"could not parse Go build info: {exc}") from None
+    return replace(info, no_module_info=missing) if missing else info
 
 
 def read_elf(elf: Elf) -> BuildInfo:

@@ -76,6 +76,14 @@ class Elf:
                 return seg
         return None
 
+    def zero_filled(self, addr: int, size: int) -> bool:
+        """``addr``..``addr+size`` lies in a PT_LOAD segment's memory past its file bytes
+        (.bss: zeros when the program runs), and in no segment's file bytes."""
+        if self.segment_at(addr) is not None:
+            return False
+        return any(seg.type == PT_LOAD and seg.vaddr + seg.filesz <= addr
+                   and addr + size <= seg.vaddr + seg.memsz for seg in self.segments)
+
     def ptr_format(self, ptr_size: int) -> str:
         """The struct format of one pointer-sized word in this file's byte order."""
         return self.order + ("I" if ptr_size == 4 else "Q")

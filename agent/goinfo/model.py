@@ -45,6 +45,9 @@ class BuildInfo:
     deps: Tuple[Module, ...] = ()
     settings: Tuple[Tuple[str, str], ...] = ()
     pointer_format: bool = False  # True for the Go 1.13-1.17 layout
+    # why there is no module list when Go itself reports none ("" when there is one, or
+    # the build made an empty one): a GOPATH build's zero runtime.modinfo, or broken framing
+    no_module_info: str = ""
 
     def setting(self, key: str) -> str | None:
         """The value of build setting ``key`` (the last one if repeated), or None."""
@@ -55,7 +58,7 @@ class BuildInfo:
         return found
 
     def to_json(self) -> Dict[str, Any]:
-        return {
+        out: Dict[str, Any] = {
             "is_go": True,
             "go_version": self.go_version,
             "path": self.path,
@@ -63,6 +66,9 @@ class BuildInfo:
             "deps": [d.to_json() for d in self.deps],
             "settings": dict(self.settings),
         }
+        if self.no_module_info:  # only then: the shape of every other answer is unchanged
+            out["no_module_info"] = self.no_module_info
+        return out
 
     def modinfo_text(self) -> str:
         """Go's BuildInfo.String() without its ``go`` line."""

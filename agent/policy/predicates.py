@@ -58,6 +58,18 @@ def _require_buildinfo(subject: Subject, needs: str) -> BuildInfo:
     return subject.buildinfo
 
 
+def _require_modules(subject: Subject, needs: str) -> BuildInfo:
+    """The build info with its module information: a Go file whose module info is absent
+    (built without modules) or unframable holds no module list or settings to check, so a
+    predicate that reads them fails (the Go version stays readable: MinGoVersion)."""
+    info = _require_buildinfo(subject, needs)
+    if info.no_module_info:
+        raise PolicyViolation(Reason.GO_PREDICATE,
+                              f"cannot check {needs}: this Go binary has no module "
+                              f"information ({info.no_module_info})")
+    return info
+
+
 @dataclass(frozen=True)
 class MinGoVersion:
     minimum: str
@@ -84,7 +96,7 @@ class DenyVcsModified:
     """Reject binaries built from a working tree with uncommitted changes."""
 
     def check(self, subject: Subject) -> None:
-        info = _require_buildinfo(subject, self.describe())
+        info = _require_modules(subject, self.describe())
         if info.setting("vcs.modified") == "true":
             revision = info.setting("vcs.revision") or "unknown revision"
             raise PolicyViolation(Reason.GO_PREDICATE,
@@ -101,7 +113,7 @@ class RequireTrimpath:
     machine paths in it, and a prerequisite for a reproducible build."""
 
     def check(self, subject: Subject) -> None:
-        info = _require_buildinfo(subject, self.describe())
+        info = _require_modules(subject, self.describe())
         value = info.setting("-trimpath")
         if value != "true":
             raise PolicyViolation(Reason.GO_PREDICATE,
@@ -139,7 +151,7 @@ class DenyModules:
     bans: Tuple[ModuleBan, ...]
 
     def check(self, subject: Subject) -> None:
-        info = _require_buildinfo(subject, self.describe())
+        info = _require_modules(subject, self.describe())
         mods = ([info.main] if info.main is not None else []) + list(info.deps)
         for mod in mods:
             # A replaced module runs the replacement's code, so both names are checked.
@@ -163,7 +175,7 @@ class SignerForModule:
     pins: Tuple[ModulePin, ...]
 
     def check(self, subject: Subject) -> None:
-        _require_buildinfo(subject, self.describe())
+        _require_modules(subject, self.describe())
         module = subject.module
         pin = next((p for p in self.pins if module is not None and p.module.matches(module)),
                    None)

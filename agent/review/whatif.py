@@ -189,11 +189,13 @@ def recorded_subject(d: Decision) -> Recorded:
         fields.add("module")
     _, mod_version = _str_or_none(go, "version")
     _, main_path = _str_or_none(go, "path")
+    _, no_modules = _str_or_none(go, "no_module_info")
     info = BuildInfo(
         go_version=version or "",
         path=main_path or "",
         main=Module(module, mod_version or "") if module else None,
         settings=(("vcs.modified", modified),) if modified is not None else (),
+        no_module_info=no_modules or "",
     )
     return Recorded(Subject(ev.path, ev.uid, go=True, buildinfo=info, gid=gid),
                     frozenset(fields))

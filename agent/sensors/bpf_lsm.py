@@ -129,6 +129,14 @@ def verdict_offsets(btf: Btf, blob: bytes, setattr_func: str) -> Dict[str, int]:
     out["EG_OFF_VMA_FLAGS"] = btf.require("vm_area_struct", "vm_flags", 8).offset
     out["EG_OFF_TASK_MM"] = btf.require("task_struct", "mm", 8).offset
     out["EG_OFF_MM_EXE_FILE"] = btf.require("mm_struct", "exe_file", 8).offset
+    # whether a mount reaches the agent (the mount guards): its propagation, the caller's
+    # mount namespace
+    out["EG_OFF_PATH_MNT"] = btf.require("path", "mnt", 8).offset
+    out["EG_OFF_VFSMOUNT_FLAGS"] = btf.require("vfsmount", "mnt_flags", 4).offset
+    out["EG_OFF_TASK_NSPROXY"] = btf.require("task_struct", "nsproxy", 8).offset
+    out["EG_OFF_NSPROXY_MNT_NS"] = btf.require("nsproxy", "mnt_ns", 8).offset
+    out["EG_OFF_MNT_NS_INUM"] = (btf.require("mnt_namespace", "ns").offset
+                                 + btf.require("ns_common", "inum", 4).offset)
     # READ_IMPLIES_EXEC: the kernel adds PROT_EXEC to a PROT_READ mapping of such a process
     out["EG_OFF_TASK_PERSONALITY"] = btf.require("task_struct", "personality", 4).offset
     # the agent is its tgid AND its start time: pinned programs outlive it, its pid may not
@@ -152,13 +160,6 @@ def lsm_offsets(btf: Btf, blob: bytes) -> Dict[str, int]:
     out["EG_OFF_PROG_AUX_ID"] = btf.require("bpf_prog_aux", "id", 4).offset
     out["EG_OFF_VFSMOUNT_SB"] = btf.require("vfsmount", "mnt_sb", 8).offset
     out["EG_OFF_TASK_PID"] = btf.require("task_struct", "pid", 4).offset
-    # whether a mount reaches the agent: its propagation, the caller's mount namespace
-    out["EG_OFF_PATH_MNT"] = btf.require("path", "mnt", 8).offset
-    out["EG_OFF_VFSMOUNT_FLAGS"] = btf.require("vfsmount", "mnt_flags", 4).offset
-    out["EG_OFF_TASK_NSPROXY"] = btf.require("task_struct", "nsproxy", 8).offset
-    out["EG_OFF_NSPROXY_MNT_NS"] = btf.require("nsproxy", "mnt_ns", 8).offset
-    out["EG_OFF_MNT_NS_INUM"] = (btf.require("mnt_namespace", "ns").offset
-                                 + btf.require("ns_common", "inum", 4).offset)
     return out
 
 

@@ -864,10 +864,10 @@ BPF_EXPECTED: Dict[str, Expect] = {
         "memfd-fexecve", "memfd-procfd", "fsmount-detached",
         # the directory ancestry within the filesystem, whatever the mount or namespace
         "unshare-exec", "bind-scope", "open-tree-clone", "proc-root-other-ns",
-        # the mount guard refuses mounts onto scope paths while scopes are partial; an
-        # overlay of a scope layer is in scope
-        "tmpfs-in-scope", "bind-file-over-signed", "bind-foreign-over-signed",
-        "overlay-lower",
+        # a new filesystem the agent has not placed is in scope; the mount guard refuses
+        # mounts onto scope paths that reach the agent's namespace; an overlay of a scope
+        # layer is in scope
+        "tmpfs-in-scope", "bind-file-over-signed", "overlay-lower",
         # writers: the open for write drops the verdict, nothing identity-keyed is trusted
         # after that
         "mmap-shared-write", "mmap-shared-prearmed",
@@ -876,6 +876,15 @@ BPF_EXPECTED: Dict[str, Expect] = {
         *(f"tamper-{mode}" for mode in ("write", "truncate", "copy-range", "hardlink",
                                         "rename-over"))), BLOCKED),
     "script-interpreter": _BPF_SCRIPT,
+    "bind-foreign-over-signed": RUNS(
+        "the bound file is on a filesystem outside every scope (the root filesystem), and the "
+        "bind mount that shows it at a scope path exists only in the attacker's private mount "
+        "namespace. Mounts there are allowed (boundary.mounts refuses those that reach the "
+        "agent's namespace), so that container runtimes can build a rootfs in scope; what "
+        "runs is judged by where its file is in its filesystem, and this one is outside every "
+        "scope: it runs as it would at its own path (logged nothing), and nobody outside that "
+        "namespace sees it at the scope path. In the agent's namespace, or onto a shared "
+        "mount, the bind is refused (mount-into-scope)"),
 }
 BPF_BACKENDS = ("bpf-lsm", "fmod-ret")
 
@@ -890,7 +899,8 @@ _KILL_BIND_FOREIGN = RUNS("the bound file belongs to a filesystem outside every 
                           "bind mount exists only in a private mount namespace: the kill "
                           "backend has no mount hook and judges files, not the paths they "
                           "are seen at (logged nothing). Only denying the attacker "
-                          "CAP_SYS_ADMIN closes it; bpf-lsm and fmod-ret refuse the mount")
+                          "CAP_SYS_ADMIN closes it; bpf-lsm and fmod-ret refuse such a mount "
+                          "where it reaches the agent's namespace")
 _KILL_DIR_RENAME = LATE("under path rules the kill backend writes no verdict into the kernel "
                         "(it has no rename hook): the agent decides the exec at its path of "
                         "the moment and kills a denied one after verifying it, so the "

@@ -49,12 +49,25 @@ def zeroed(material: Material, tmp_path: Path, name: str = "app", signed: bool =
 
 
 def broken(material: Material, tmp_path: Path) -> Path:
-    """Build info present, its module-info framing destroyed: malformed, not missing."""
+    """Build info present, its module-info framing destroyed: Go reports the version alone,
+    so do we (no module information, said so)."""
     data = bytearray(material.bins["app"].path.read_bytes())
     blob = data.index(fx.BUILDINFO_MAGIC)  # the rodata holds another copy: not that one
     at = data.index(bytes.fromhex("3077af0c9274080241e1c107e6d618e6"), blob)
     data[at : at + 4] = b"XXXX"
     path = tmp_path / "app-broken"
+    path.write_bytes(bytes(data))
+    path.chmod(0o755)
+    sign(path, material.private["a"])
+    return path
+
+
+def malformed(material: Material, tmp_path: Path) -> Path:
+    """Build info present and unreadable (its Go version's length overflows): malformed."""
+    data = bytearray(material.bins["app"].path.read_bytes())
+    blob = data.index(fx.BUILDINFO_MAGIC)
+    data[blob + 32: blob + 42] = b"\xff" * 10  # the version's varint length: past 64 bits
+    path = tmp_path / "app-malformed"
     path.write_bytes(bytes(data))
     path.chmod(0o755)
     sign(path, material.private["a"])
@@ -106,13 +119,23 @@ def test_go_predicates_fail_closed_without_build_info(material: Material, tmp_pa
     intact = original / "app"
     intact.write_bytes(material.bins["app"].path.read_bytes())
     sign(intact, material.private["a"])
-    for path, evidence in ((zeroed(material, tmp_path), "no Go build info"),
-                           (broken(material, tmp_path), "malformed")):
-        out = decide(snap, subject_for(path), verifier(path))
+    path = zeroed(material, tmp_path)
+    out = decide(snap, subject_for(path), verifier(path))
+    assert (out.allow, out.reason) == (False, Reason.GO_PREDICATE), out.detail
+    assert out.detail.startswith(f"cannot check {needs}")
+    assert "this Go binary has no readable Go build info" in out.detail
+    assert "no Go build info" in out.detail and out.verdict is not None and out.verdict.trusted
+    # module info Go would drop (broken framing): the version is still known, so only the
+    # predicates on modules and settings fail closed
+    path = broken(material, tmp_path)
+    out = decide(snap, subject_for(path), verifier(path))
+    if "min_version" in predicate:
+        assert out.allow, out.detail
+    else:
         assert (out.allow, out.reason) == (False, Reason.GO_PREDICATE), out.detail
         assert out.detail.startswith(f"cannot check {needs}")
-        assert "this Go binary has no readable Go build info" in out.detail
-        assert evidence in out.detail and out.verdict is not None and out.verdict.trusted
+        assert out.detail.endswith(": this Go binary has no module information (module "
+                                   "info framing is broken)"), out.detail
     # the same signed program with its build info intact: judged on the build info
     assert decide(snap, subject_for(intact), verifier(intact)).allow is intact_passes
 
@@ -144,7 +167,7 @@ def test_decision_records_say_how_go_ness_was_established(material: Material,
     cases = {
         "build-info": intact,
         "runtime": zeroed(material, tmp_path),
-        "malformed": broken(material, tmp_path),
+        "malformed": malformed(material, tmp_path),
     }
     for evidence, path in cases.items():
         d = _decide(decider, path)
@@ -159,6 +182,14 @@ def test_decision_records_say_how_go_ness_was_established(material: Material,
         assert not d.allow and d.reason is Reason.GO_PREDICATE
         assert d.go["go_version"] is None and replay.buildinfo is None
         assert d.go.get("malformed", False) is (evidence == "malformed")
+    # module info Go drops: build info, the version judged, the absence on record
+    d = _decide(decider, broken(material, tmp_path))
+    assert d.allow and d.go is not None and d.go["evidence"] == "build-info", d.go
+    assert d.go["no_module_info"] == "module info framing is broken" and d.go["module"] is None
+    logged = from_json(json.loads(json.dumps(to_json("0" * 19, d))), "log", 1)
+    replay = recorded_subject(logged.decision).subject
+    assert replay is not None and replay.buildinfo is not None
+    assert replay.buildinfo.no_module_info == "module info framing is broken"
     runtime = _decide(decider, cases["runtime"]).go
     assert runtime is not None and "no Go build info" in runtime["detail"]
     assert "pclntab" in runtime["runtime"] and "moduledata at" in runtime["runtime"]

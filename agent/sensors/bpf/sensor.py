@@ -368,6 +368,8 @@ class BpfSensor:
         with self._map_op("set_fresh_after"):
             cell = self._runtime[ctypes.c_int(0)]
             cell.fresh_after_ns = int(realtime_ns)
+            # the mount guard refuses only what reaches this namespace (exec_verdict.h)
+            cell.agent_mnt_ns = os.stat("/proc/self/ns/mnt").st_ino
             self._runtime[ctypes.c_int(0)] = cell
 
     def epoch(self) -> int:

@@ -40,14 +40,15 @@ KMOD_RET(security_sb_mount, const char *dev_name, const struct path *path, const
 {
 	if (ret)
 		return ret;
-	return eg_guard_mount(EG_LOAD(const void *, path, EG_OFF_PATH_DENTRY), flags);
+	return eg_guard_mount(EG_LOAD(const void *, path, EG_OFF_PATH_DENTRY), path, flags);
 }
 
 KMOD_RET(security_move_mount, const struct path *from_path, const struct path *to_path, int ret)
 {
 	if (ret)
 		return ret;
-	return eg_guard_mount(EG_LOAD(const void *, to_path, EG_OFF_PATH_DENTRY), EG_MS_MOVE);
+	return eg_guard_mount(EG_LOAD(const void *, to_path, EG_OFF_PATH_DENTRY), to_path,
+			      EG_MS_MOVE);
 }
 
 KMOD_RET(security_ptrace_access_check, struct task_struct *child, unsigned int mode, int ret)

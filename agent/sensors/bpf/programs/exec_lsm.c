@@ -130,14 +130,14 @@ LSM_PROBE(sb_mount, const char *dev_name, const struct path *path, const char *t
 	const void *target = EG_LOAD(const void *, path, EG_OFF_PATH_DENTRY);
 	int ret = (flags & EG_MS_REMOUNT) ? eg_guard_remount(target, path)
 					  : eg_guard_mount_target(target, path, flags);
-	return ret ? ret : eg_guard_mount(target, flags);
+	return ret ? ret : eg_guard_mount(target, path, flags);
 }
 
 LSM_PROBE(move_mount, const struct path *from_path, const struct path *to_path)
 {
 	const void *target = EG_LOAD(const void *, to_path, EG_OFF_PATH_DENTRY);
 	int ret = eg_guard_mount_target(target, to_path, EG_MS_MOVE);
-	return ret ? ret : eg_guard_mount(target, EG_MS_MOVE);
+	return ret ? ret : eg_guard_mount(target, to_path, EG_MS_MOVE);
 }
 
 struct vfsmount;

@@ -724,11 +724,40 @@ static __always_inline int eg_judge_mprotect(const void *vma, unsigned long prot
 
 /* ------------------------------------------------------------------------------- guard */
 
+#define EG_MNT_SHARED 0x1000 /* vfsmount.mnt_flags: the mount has peers (propagates) */
+
+/* Could a mount onto ``path`` change what the agent sees? Yes in the agent's own mount
+ * namespace, and from any namespace where the target mount propagates (shared: a peer of
+ * the agent's). A private or slave copy, as systemd makes for a unit's ProtectSystem=, is
+ * the unit's alone: refusing it would stop such units from starting. */
+static __always_inline int eg_vfsmount_reaches_agent(const void *mnt)
+{
+	if (!mnt || (EG_LOAD(__s32, mnt, EG_OFF_VFSMOUNT_FLAGS) & EG_MNT_SHARED))
+		return 1;
+	const void *nsp = EG_LOAD(const void *, bpf_get_current_task_btf(), EG_OFF_TASK_NSPROXY);
+	const void *mnt_ns = nsp ? EG_LOAD(const void *, nsp, EG_OFF_NSPROXY_MNT_NS) : 0;
+	int zero = 0;
+	struct eg_runtime *rt = runtime.lookup(&zero);
+	/* not known yet (0): as if it reached the agent, so a guard never lapses */
+	return !mnt_ns || !rt || !rt->agent_mnt_ns ||
+	       EG_LOAD(__u32, mnt_ns, EG_OFF_MNT_NS_INUM) == rt->agent_mnt_ns;
+}
+
+static __always_inline int eg_mount_reaches_agent(const void *path)
+{
+	return eg_vfsmount_reaches_agent(path ? EG_LOAD(const void *, path, EG_OFF_PATH_MNT) : 0);
+}
+
 /* While the scopes do not cover the host, a mount onto a path in scope could put files of
  * an out-of-scope filesystem under a scope path (a bind mount, a move, a remount of a
- * block device elsewhere): refused, for everyone but the agent. A new filesystem mounted
- * there would be in scope, but is refused too: one rule, said in one sentence. */
-static __always_inline int eg_guard_mount(const void *target_dentry, unsigned long mflags)
+ * block device elsewhere): refused, for everyone but the agent, where it reaches the
+ * agent's mount namespace (made there, or onto a shared mount that propagates to it). A
+ * new filesystem mounted there would be in scope, but is refused too: one rule. A mount
+ * in a private or slave copy (a container's rootfs, /dev/pts, /proc; a unit's
+ * ProtectSystem=) is left alone: it shows nothing to anyone outside that namespace, and
+ * what runs there is judged by where its file is in its filesystem, not by that path. */
+static __always_inline int eg_guard_mount(const void *target_dentry, const void *path,
+					  unsigned long mflags)
 {
 	__u32 flags = eg_cfg();
 	if (!(flags & EG_LSM_CFG_MOUNTS) || !target_dentry)
@@ -736,6 +765,8 @@ static __always_inline int eg_guard_mount(const void *target_dentry, unsigned lo
 	if ((mflags & EG_MS_REMOUNT) || ((mflags & EG_MS_PROPAGATION) &&
 					 !(mflags & (EG_MS_BIND | EG_MS_MOVE))))
 		return 0; /* options and propagation change no file */
+	if (!eg_mount_reaches_agent(path))
+		return 0;
 	struct eg_where w = {};
 	if (!eg_place(target_dentry, eg_dentry_inode(target_dentry), &w) || eg_exempt())
 		return 0; /* the agent only: a child of it is no proof of anything */
@@ -1044,8 +1075,6 @@ static __always_inline int eg_guard_bpf(int cmd, const void *attr)
 }
 
 /* Unmounting the bpffs that holds the pins would drop them. */
-static __always_inline int eg_mount_reaches_agent(const void *path);
-static __always_inline int eg_vfsmount_reaches_agent(const void *mnt);
 
 static __always_inline int eg_guard_umount(const void *mnt)
 {
@@ -1088,28 +1117,6 @@ static __always_inline void eg_note_exit(const void *task)
 }
 
 /* A mount onto a guarded path would hide what the agent reads there. */
-#define EG_MNT_SHARED 0x1000 /* vfsmount.mnt_flags: the mount has peers (propagates) */
-
-/* Could a mount onto ``path`` change what the agent sees? Yes in the agent's own mount
- * namespace, and from any namespace where the target mount propagates (shared: a peer of
- * the agent's). A private or slave copy, as systemd makes for a unit's ProtectSystem=, is
- * the unit's alone: refusing it would stop such units from starting. */
-static __always_inline int eg_vfsmount_reaches_agent(const void *mnt)
-{
-	if (!mnt || (EG_LOAD(__s32, mnt, EG_OFF_VFSMOUNT_FLAGS) & EG_MNT_SHARED))
-		return 1;
-	const void *nsp = EG_LOAD(const void *, bpf_get_current_task_btf(), EG_OFF_TASK_NSPROXY);
-	const void *mnt_ns = nsp ? EG_LOAD(const void *, nsp, EG_OFF_NSPROXY_MNT_NS) : 0;
-	int zero = 0;
-	struct eg_runtime *rt = runtime.lookup(&zero);
-	return !mnt_ns || !rt || EG_LOAD(__u32, mnt_ns, EG_OFF_MNT_NS_INUM) == rt->agent_mnt_ns;
-}
-
-static __always_inline int eg_mount_reaches_agent(const void *path)
-{
-	return eg_vfsmount_reaches_agent(path ? EG_LOAD(const void *, path, EG_OFF_PATH_MNT) : 0);
-}
-
 static __always_inline int eg_guard_mount_target(const void *dentry, const void *path,
 						 unsigned long mflags)
 {
