@@ -8,6 +8,7 @@ from tests.goinfo_fixtures import (  # noqa: F401  (fixtures are found by name)
     esbuild_bins_fixture,
     go_bins_fixture,
     modern_go_bins_fixture,
+    old_debian_bins_fixture,
 )
 from tests.install_fixtures import Installed, install
 

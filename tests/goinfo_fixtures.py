@@ -61,6 +61,15 @@ func main() { fmt.Println(lib.Name()) }
 """
 # Debian bookworm packages that ship small Go programs (see docs/goinfo.md).
 DEBIAN = {"age": "usr/bin/age", "shfmt": "usr/bin/shfmt", "gron": "usr/bin/gron"}
+# Go programs built without modules (GOPATH mode, go1.15, dh-golang): Debian bullseye's,
+# fetched from Debian's archive by pool path and pinned by the SHA-256 its Packages index
+# gives (the host's apt sources are bookworm's and stay as they are). Their build info
+# has a version and a zero runtime.modinfo in .bss.
+DEBIAN_OLD = {
+    "fzf": ("pool/main/f/fzf/fzf_0.24.3-1+b6_amd64.deb", "usr/bin/fzf", "go1.15.9",
+            "15912ab0d9d2963c116573a5b438395f3153d4a1682b0ff7b47cc764c0cf578c"),
+}
+DEBIAN_ARCHIVE = "http://deb.debian.org/debian/"
 # npm packages that ship pre-1.18 Go binaries (pointer-format build info).
 ESBUILD = {
     "esbuild-linux-64@0.8.0": "go1.15",
@@ -267,6 +276,22 @@ def _debian(base: Path) -> Dict[str, Path]:
     return found
 
 
+def _debian_old(base: Path) -> Dict[str, Path]:
+    import hashlib
+    import urllib.request
+
+    found: Dict[str, Path] = {}
+    for pkg, (pool, member, _version, sha256) in DEBIAN_OLD.items():
+        deb = base / Path(pool).name
+        with urllib.request.urlopen(DEBIAN_ARCHIVE + pool, timeout=120) as resp:
+            deb.write_bytes(resp.read())
+        got = hashlib.sha256(deb.read_bytes()).hexdigest()
+        assert got == sha256, f"{pool}: sha256 {got}, the archive's index says {sha256}"
+        run(["dpkg-deb", "-x", str(deb), str(base / pkg)])
+        found[pkg] = base / pkg / member
+    return found
+
+
 def _esbuild(base: Path, specs: Optional[Dict[str, str]] = None) -> Dict[str, Path]:
     packs, out = base / "npm", base / "esbuild"
     packs.mkdir(parents=True)
@@ -312,6 +337,12 @@ def go_bins_fixture(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]
 @pytest.fixture(scope="session", name="debian_bins")
 def debian_bins_fixture(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
     return _cached("debian", tmp_path_factory, _debian)
+
+
+@pytest.fixture(scope="session", name="old_debian_bins")
+def old_debian_bins_fixture(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
+    """Go programs built without modules (Debian bullseye's, go1.15)."""
+    return _cached("debian-old", tmp_path_factory, _debian_old)
 
 
 @pytest.fixture(scope="session", name="esbuild_bins")

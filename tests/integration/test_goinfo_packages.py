@@ -1,5 +1,6 @@
-"""Go binaries built by others: Debian bookworm packages (go1.19, PIE, externally linked)
-and esbuild npm releases built with go1.15/go1.17 (the pre-1.18 pointer format).
+"""Go binaries built by others: Debian bookworm packages (go1.19, PIE, externally linked),
+Debian bullseye packages built without modules (go1.15, GOPATH mode) and esbuild npm
+releases built with go1.15/go1.17 (the pre-1.18 pointer format).
 """
 
 from __future__ import annotations
@@ -61,3 +62,19 @@ def test_esbuild_pointer_format_same_as_go_version_m(esbuild_bins: Bins, spec: s
 
 def test_esbuild_32_bit(esbuild_bins: Bins) -> None:
     assert esbuild_bins["esbuild-linux-32@0.13.0"].read_bytes()[4] == 1  # ELFCLASS32
+
+
+@pytest.mark.parametrize("pkg", sorted(fx.DEBIAN_OLD))
+def test_a_go_build_without_modules_reads_as_go_version_m_shows_it(old_debian_bins: Bins,
+                                                                   pkg: str) -> None:
+    """GOPATH mode (Go 1.15, dh-golang): runtime.modinfo is empty, its string header in
+    .bss (no file bytes). This used to be an error ("module info pointer ... is outside
+    every segment"), which the agent treated as malformed build info."""
+    path = old_debian_bins[pkg]
+    out, err = fx.go_version_m(path)
+    assert err == "" and out == f"{path}: {fx.DEBIAN_OLD[pkg][2]}\n"
+    info = read(path)
+    assert info.pointer_format and info.go_version == fx.DEBIAN_OLD[pkg][2]
+    assert info.format_like_go_version_m(str(path)) == out
+    assert info.main is None and info.deps == () and info.path == ""
+    assert "built without modules" in info.no_module_info

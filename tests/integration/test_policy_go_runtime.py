@@ -208,3 +208,29 @@ def test_verify_json_reports_runtime_evidence(material: Material, tmp_path: Path
     go = json.loads(proc.stdout)["go"]
     assert (go["is_go"], go["evidence"], go["go_version"]) == (True, "runtime", None)
     assert go["runtime"]["formats"] == "go1.18-1.19" and go["runtime"]["moduledata"]
+
+
+def test_a_signed_go_build_without_modules_is_judged_on_its_version(
+        material: Material, tmp_path: Path, old_debian_bins: Dict[str, Path]) -> None:
+    """Debian bullseye's fzf (go1.15, GOPATH mode: no module list), signed by a trusted key:
+    a Go version predicate admits it (it was denied as malformed build info before);
+    predicates on modules cannot be checked, so they fail closed, saying why."""
+    path = tmp_path / "fzf"
+    path.write_bytes(old_debian_bins["fzf"].read_bytes())
+    path.chmod(0o755)
+    sign(path, material.private["a"])
+    subject = subject_for(path)
+    assert subject.go and subject.buildinfo is not None
+    assert subject.buildinfo.go_version == "go1.15.9"
+    versioned = policy(material, tmp_path, [
+        {"id": "go", "action": "require-signature", "match": {"go": True},
+         "go": {"min_version": "1.15"}}])
+    out = decide(versioned, subject, verifier(path))
+    assert out.allow and out.rule_id == "go", out.detail
+    banned = policy(material, tmp_path, [
+        {"id": "go", "action": "require-signature", "match": {"go": True},
+         "go": {"deny_modules": [{"path": "golang.org/x/net", "below": "v0.23.0"}]}}])
+    out = decide(banned, subject, verifier(path))
+    assert (out.allow, out.reason) == (False, Reason.GO_PREDICATE), out.detail
+    assert "has no module information (a zero (.bss) runtime.modinfo: built without " \
+           "modules)" in out.detail
