@@ -5,8 +5,11 @@ the same three cases against fanotify-exec and kill (tests/attacks/test_containe
 - an image whose layers are outside every scope: its container runs;
 - an image layer inside the scope with an unsigned busybox: the overlay is in scope (a layer
   is), so the container's first exec is refused with EPERM and recorded;
-- the same with a signed busybox: it runs at its first exec (the fanotify fill finds the
-  signature beside the layer file through the overlay).
+- the same with a signed busybox: it runs. Not at the first start of a new overlay: the
+  fill verifies the layer's own file (its open reaches the scope's filesystem), but the
+  LSM sees the overlay's inode, which has no verdict yet, and refuses it as unverified; the
+  agent verifies it meanwhile, and the next start runs (the overlay judged as unknown, as
+  issue 9 allows; judging it by the real file underneath is left open).
 """
 
 from __future__ import annotations
@@ -72,5 +75,9 @@ def test_a_container_whose_layer_is_in_scope_cannot_run_an_unsigned_program(rig:
 
 def test_a_container_whose_layer_is_in_scope_runs_a_signed_program(rig: Rig) -> None:
     with bundle_of(rig.scope / "signed", rig.work) as bundle:
-        ran = runc_run(bundle, timeout=180)
-        assert ran.said_hello, f"{ran}\n{rig.agent.decisions()[-5:]}"
+        first = runc_run(bundle, timeout=180)
+        if not first.said_hello:  # the overlay's inode, unknown at its first exec
+            wait_for(lambda: any(d["reason"] == "unverified" and "verified since"
+                                 in d["detail"] for d in rig.agent.decisions()), timeout=60)
+        ran = first if first.said_hello else runc_run(bundle, timeout=180)
+        assert ran.said_hello, f"{first}\n{ran}\n{rig.agent.decisions()[-5:]}"
