@@ -24,11 +24,18 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import pytest
 
-from tests.agent_fixtures import REPO, exec_file, running_agent, scoped_tmpfs, wait_for
+from tests.agent_fixtures import (
+    REPO,
+    RunningAgent,
+    exec_file,
+    running_agent,
+    scoped_tmpfs,
+    wait_for,
+)
 from tests.flood_fixtures import NOBODY, as_user, enforce_policy
 from tests.policy_fixtures import Material, copy_signed, material_fixture  # noqa: F401
 
@@ -86,6 +93,28 @@ def stalling_fuse(mnt: Path, payload: Path, stall_pid: int, stall: str = "all",
         proc.wait(10)
 
 
+@contextlib.contextmanager
+def fuse_agent(tmp_path: Path, material: Material, mode: str = "enforce"
+               ) -> Iterator[Tuple[Path, Path, RunningAgent]]:
+    """(scope, payload, agent): fanotify-exec in ``mode`` on a scope of its own, run as the
+    unit runs it; the payload (the app's bytes, for a FUSE daemon to serve) readable by all,
+    never exec'd from there."""
+    with scoped_tmpfs() as scope:
+        payload = scope / "payload"
+        shutil.copy2(material.bins["app"].path, payload)
+        policy = enforce_policy(tmp_path / "policy.toml", scope, material.keys["a"],
+                                DEADLINE_MS)
+        policy.write_text(policy.read_text().replace('mode = "enforce"', f'mode = "{mode}"'))
+        with running_agent(tmp_path, "--policy", str(policy), "--backend", "fanotify-exec",
+                           "--audit", "off", **as_the_unit()) as agent:
+            yield scope, payload, agent
+
+
+def fuse_marked(agent: RunningAgent) -> None:
+    """Wait for the mount watcher to mark the new FUSE filesystem."""
+    wait_for(lambda: any("fuse" in m for m in agent.status()["sensor"]["marked"]), timeout=30)
+
+
 @pytest.mark.parametrize("who", ["root", "nobody"])
 def test_a_fuse_file_that_never_answers_the_agent_is_cut_off_not_waited_for(
         tmp_path: Path, material: Material, who: str) -> None:
@@ -94,42 +123,34 @@ def test_a_fuse_file_that_never_answers_the_agent_is_cut_off_not_waited_for(
     kernel's open for the agent's event is still a request to the user's daemon)."""
     uid = NOBODY if who == "nobody" else None
     app = material.bins["app"]
-    with scoped_tmpfs() as scope:
+    with fuse_agent(tmp_path, material) as (scope, payload, agent):
         signed = copy_signed(app, scope / "signed", material.private["a"])
         unsigned = copy_signed(app, scope / "unsigned", None)
-        payload = scope / "payload"  # never exec'd here: the daemon's bytes (readable by all)
-        shutil.copy2(app.path, payload)
-        policy = enforce_policy(tmp_path / "policy.toml", scope, material.keys["a"],
-                                DEADLINE_MS)
-        with running_agent(tmp_path, "--policy", str(policy), "--backend", "fanotify-exec",
-                           "--audit", "off", **as_the_unit()) as agent:
+        assert exec_file(signed).returncode == 0
+        with stalling_fuse(scope / "fuse", payload, agent.proc.pid, uid=uid) as prog:
+            fuse_marked(agent)
+            t0 = time.monotonic()
+            attack = subprocess.run([*as_user(uid), "/bin/sh", "-c", 'exec "$0"',
+                                     str(prog)], capture_output=True, text=True,
+                                    timeout=60)
+            waited = time.monotonic() - t0
+            assert attack.returncode != 0, "the FUSE file ran"
+            # cut off before the watchdog's 3 s, with room for a loaded 2-core host
+            assert waited < 10, f"the attacker's exec waited {waited:.1f}s"
             assert exec_file(signed).returncode == 0
-            with stalling_fuse(scope / "fuse", payload, agent.proc.pid, uid=uid) as prog:
-                # the mount watcher marks the new filesystem in scope
-                wait_for(lambda: any("fuse" in m for m in agent.status()["sensor"]["marked"]),
-                         timeout=30)
-                t0 = time.monotonic()
-                attack = subprocess.run([*as_user(uid), "/bin/sh", "-c", 'exec "$0"',
-                                         str(prog)], capture_output=True, text=True,
-                                        timeout=60)
-                waited = time.monotonic() - t0
-                assert attack.returncode != 0, "the FUSE file ran"
-                # cut off before the watchdog's 3 s, with room for a loaded 2-core host
-                assert waited < 10, f"the attacker's exec waited {waited:.1f}s"
-                assert exec_file(signed).returncode == 0
-                assert exec_file(unsigned).returncode == 126
-                time.sleep(4)  # past the watchdog's stall limit
-                assert agent.proc.poll() is None, "the agent died"
-                assert exec_file(unsigned).returncode == 126
-                assert exec_file(signed).returncode == 0
-                sensor = agent.status()["sensor"]
-                assert sensor["fuse_aborted"] >= 1, sensor
-                assert str(scope / "fuse") in sensor["fuse_last_aborted"]
-                # the cut-off filesystem answers nobody any more, its owner included
-                again = subprocess.run([*as_user(uid), "/bin/sh", "-c", 'exec "$0"',
-                                        str(prog)], capture_output=True, text=True,
-                                       timeout=60)
-                assert "not connected" in again.stderr, again.stderr
+            assert exec_file(unsigned).returncode == 126
+            time.sleep(4)  # past the watchdog's stall limit
+            assert agent.proc.poll() is None, "the agent died"
+            assert exec_file(unsigned).returncode == 126
+            assert exec_file(signed).returncode == 0
+            sensor = agent.status()["sensor"]
+            assert sensor["fuse_aborted"] >= 1, sensor
+            assert str(scope / "fuse") in sensor["fuse_last_aborted"]
+            # the cut-off filesystem answers nobody any more, its owner included
+            again = subprocess.run([*as_user(uid), "/bin/sh", "-c", 'exec "$0"',
+                                    str(prog)], capture_output=True, text=True,
+                                   timeout=60)
+            assert "not connected" in again.stderr, again.stderr
 
 
 def test_fuse_reads_that_never_answer_do_not_hold_the_decide_workers(
@@ -139,41 +160,34 @@ def test_fuse_reads_that_never_answer_do_not_hold_the_decide_workers(
     file. Cut off, the workers come back: a file put in scope afterwards is decided on its
     merits, not denied for want of a worker."""
     app = material.bins["app"]
-    with scoped_tmpfs() as scope:
-        payload = tmp_path / "payload"
-        shutil.copy2(app.path, payload)
-        policy = enforce_policy(tmp_path / "policy.toml", scope, material.keys["a"],
-                                DEADLINE_MS)
-        with running_agent(tmp_path, "--policy", str(policy), "--backend", "fanotify-exec",
-                           "--audit", "off", **as_the_unit()) as agent:
-            workers = 4  # FanotifyBackend's default
-            with stalling_fuse(scope / "fuse", payload, agent.proc.pid, stall="read") as prog:
-                wait_for(lambda: any("fuse" in m for m in agent.status()["sensor"]["marked"]),
-                         timeout=30)
-                names = [prog.with_name(f"prog{i}") for i in range(workers + 2)]
-                attacks = [subprocess.Popen(["/bin/sh", "-c", 'exec "$0"', str(p)],
-                                            stdout=subprocess.DEVNULL,
-                                            stderr=subprocess.DEVNULL) for p in names]
-                try:
-                    codes = [a.wait(60) for a in attacks]
-                finally:
-                    for a in attacks:
-                        a.kill()
-                assert all(code != 0 for code in codes), codes
-                wait_for(lambda: agent.status()["sensor"]["fuse_aborted"] >= 1, timeout=15)
-                # every worker came back: each stuck decision ended, recorded late (the
-                # deadline's deny had answered the exec)
-                for p in names:
-                    agent.wait_decision(str(p))
-                wait_for(lambda: sum(1 for r in agent.decisions()
-                                     if r["extra"].get("late")) >= workers, timeout=15)
-                assert all(r["decision"] == "deny" for r in agent.decisions())
-                fresh = copy_signed(app, scope / "fresh", None)
-                done = exec_file(fresh)
-                assert done.returncode == 126
-                reasons = [r["reason"] for r in agent.wait_decision(str(fresh))]
-                assert reasons == ["no-signature"], reasons
-                assert agent.proc.poll() is None
+    with fuse_agent(tmp_path, material) as (scope, payload, agent):
+        workers = 4  # FanotifyBackend's default
+        with stalling_fuse(scope / "fuse", payload, agent.proc.pid, stall="read") as prog:
+            fuse_marked(agent)
+            names = [prog.with_name(f"prog{i}") for i in range(workers + 2)]
+            attacks = [subprocess.Popen(["/bin/sh", "-c", 'exec "$0"', str(p)],
+                                        stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL) for p in names]
+            try:
+                codes = [a.wait(60) for a in attacks]
+            finally:
+                for a in attacks:
+                    a.kill()
+            assert all(code != 0 for code in codes), codes
+            wait_for(lambda: agent.status()["sensor"]["fuse_aborted"] >= 1, timeout=15)
+            # every worker came back: each stuck decision ended, recorded late (the
+            # deadline's deny had answered the exec)
+            for p in names:
+                agent.wait_decision(str(p))
+            wait_for(lambda: sum(1 for r in agent.decisions()
+                                 if r["extra"].get("late")) >= workers, timeout=15)
+            assert all(r["decision"] == "deny" for r in agent.decisions())
+            fresh = copy_signed(app, scope / "fresh", None)
+            done = exec_file(fresh)
+            assert done.returncode == 126
+            reasons = [r["reason"] for r in agent.wait_decision(str(fresh))]
+            assert reasons == ["no-signature"], reasons
+            assert agent.proc.poll() is None
 
 
 @pytest.mark.parametrize("mode", ["enforce", "monitor"])
@@ -185,27 +199,18 @@ def test_a_users_fuse_mount_in_scope_is_marked_and_its_execs_denied_unread(
     allow_sys_admin_access raised for the call). Its execs are then denied without a read:
     the user's daemon could show the agent other bytes than the exec runs (monitor mode
     lets it run and records the would-deny). The daemon answers everybody."""
-    app = material.bins["app"]
-    with scoped_tmpfs() as scope:
-        payload = scope / "payload"
-        shutil.copy2(app.path, payload)
-        policy = enforce_policy(tmp_path / "policy.toml", scope, material.keys["a"],
-                                DEADLINE_MS)
-        policy.write_text(policy.read_text().replace('mode = "enforce"', f'mode = "{mode}"'))
-        with running_agent(tmp_path, "--policy", str(policy), "--backend", "fanotify-exec",
-                           "--audit", "off", **as_the_unit()) as agent:
-            with stalling_fuse(scope / "fuse", payload, agent.proc.pid, stall="none",
-                               uid=NOBODY) as prog:
-                wait_for(lambda: any("fuse" in m for m in agent.status()["sensor"]["marked"]),
-                         timeout=30)
-                done = subprocess.run([*as_user(NOBODY), "/bin/sh", "-c", 'exec "$0"',
-                                       str(prog)], capture_output=True, text=True, timeout=60)
-                assert done.returncode == (126 if mode == "enforce" else 0), done
-                records = agent.wait_decision(str(prog))
-                assert [r["decision"] for r in records] == ["deny"], records
-                assert records[0]["enforcement"] == ("fanotify-deny" if mode == "enforce"
-                                                     else "monitor"), records
-                assert "FUSE filesystem of user 65534" in records[0]["detail"], records
-                assert agent.status()["sensor"]["fuse_aborted"] == 0
-            with open("/sys/module/fuse/parameters/allow_sys_admin_access") as fh:
-                assert fh.read().strip() == "N"  # raised for the mark call only
+    with fuse_agent(tmp_path, material, mode) as (scope, payload, agent):
+        with stalling_fuse(scope / "fuse", payload, agent.proc.pid, stall="none",
+                           uid=NOBODY) as prog:
+            fuse_marked(agent)
+            done = subprocess.run([*as_user(NOBODY), "/bin/sh", "-c", 'exec "$0"',
+                                   str(prog)], capture_output=True, text=True, timeout=60)
+            assert done.returncode == (126 if mode == "enforce" else 0), done
+            records = agent.wait_decision(str(prog))
+            assert [r["decision"] for r in records] == ["deny"], records
+            assert records[0]["enforcement"] == ("fanotify-deny" if mode == "enforce"
+                                                 else "monitor"), records
+            assert "FUSE filesystem of user 65534" in records[0]["detail"], records
+            assert agent.status()["sensor"]["fuse_aborted"] == 0
+        with open("/sys/module/fuse/parameters/allow_sys_admin_access") as fh:
+            assert fh.read().strip() == "N"  # raised for the mark call only
