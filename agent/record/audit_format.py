@@ -203,6 +203,8 @@ class AgentEvent:
             if name in ESCAPED_FIELDS else encode_code(name, value)
             for name, value in self.fields
         ]
+        # which host, as on every denial: collected records from many hosts stay apart
+        parts.append(encode_string("host", host_text(), SHORT_STRING_BYTES))
         return AuditMessage(self.kind.audit_type, " ".join(parts), self.success)
 
 

@@ -23,6 +23,7 @@ from agent.record.audit_format import (
     backend_selected,
     denial_message,
     encode_string,
+    host_text,
     policy_loaded,
 )
 from tests.record_fixtures import make_decision
@@ -104,18 +105,23 @@ def test_long_values_fit_the_kernel_limit() -> None:
 
 
 def test_agent_events() -> None:
+    host = encode_string("host", host_text())
     start = agent_start("0.1.0", "monitor", 42).message()
     assert start.type == AUDIT_SERVICE_START
-    assert start.body == "op=start unit=execguard version=0.1.0 policy_mode=monitor agent_pid=42"
+    assert start.body == ("op=start unit=execguard version=0.1.0 policy_mode=monitor "
+                          f"agent_pid=42 {host}")
     stop = agent_stop("SIGTERM").message()
-    assert stop.type == AUDIT_SERVICE_STOP and stop.body.endswith('info="SIGTERM"')
+    assert stop.type == AUDIT_SERVICE_STOP and stop.body.endswith(f'info="SIGTERM" {host}')
     be = backend_selected("kill", "post-exec-kill", "fanotify failed: EPERM", ok=False).message()
     assert be.type == AUDIT_USYS_CONFIG and not be.success
     assert "info=" + b"fanotify failed: EPERM".hex().upper() in be.body
     pol = policy_loaded(3, "sha256:ab", "/etc/execguard/policy.toml", "enforce").message()
     assert pol.type == AUDIT_USYS_CONFIG and pol.success
     assert re.search(r'policy_version=3 policy_digest=sha256:ab '
-                     r'file="/etc/execguard/policy.toml" policy_mode=enforce info=\?$', pol.body)
+                     r'file="/etc/execguard/policy.toml" policy_mode=enforce info=\? host=',
+                     pol.body)
+    # every agent event names its host, as every denial does
+    assert all(m.body.endswith(host) for m in (start, stop, be, pol))
 
 
 def test_dev_uses_the_kernel_notation() -> None:
