@@ -126,7 +126,9 @@ def fuse_marks(param: str = FUSE_ADMIN_ACCESS, fuse_known: Optional[bool] = None
 
     name = "fuse allow_sys_admin_access"
     if fuse_known is None:
-        fuse_known = os.path.exists("/sys/module/fuse") or _has_filesystem("fuse")
+        # /dev/fuse: opening it loads the module, so a host without it loaded has FUSE too
+        fuse_known = (os.path.exists("/sys/module/fuse") or _has_filesystem("fuse")
+                      or os.path.exists("/dev/fuse"))
     try:
         with open(param, encoding="ascii") as f:
             value: Optional[str] = f.read().strip()

@@ -33,6 +33,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
+from agent.scope.mountinfo import unescape
+
 CONNECTIONS = "/sys/fs/fuse/connections"
 ADMIN_ACCESS = "/sys/module/fuse/parameters/allow_sys_admin_access"
 WAIT_ANSWER = "request_wait_answer"  # fs/fuse/dev.c: waiting for the daemon's answer
@@ -286,7 +288,7 @@ def _fusectl_mount() -> Optional[str]:
             for line in fh:
                 left, _, right = line.partition(" - ")
                 if right.split(" ", 1)[0] == "fusectl":
-                    return left.split(" ")[4].replace("\\040", " ")
+                    return unescape(left.split(" ")[4])
     except OSError:
         pass
     return None
