@@ -253,10 +253,10 @@ class FanotifyBackend:
         self._group = fs.fanotify_init(flags, fs.EVENT_F_FLAGS | os.O_CLOEXEC)
         self._wake_r, self._wake_w = os.pipe()
         self._state = "starting"
-        # the breaker watches the marking too: a FUSE mount's mark call can wait for its
-        # daemon while holding the lock every other thread needs
-        # the loop's silence counts from now; not a beat(): the loop's own first beat names
-        # its thread for the service verb's diagnostics (and its tests' freezes)
+        # The breaker watches the marking too: a FUSE mount's mark call can wait for its
+        # daemon while holding the lock every other thread needs. The loop's silence counts
+        # from now; not a beat(): the loop's own first beat names its thread (the service
+        # verb's diagnostics, and its tests' freezes).
         self.heartbeat.at = time.monotonic()
         self._fuse.start()
         masks = [self._want_mask] if self._want_mask else list(fs.MASK_NAMES)

@@ -112,8 +112,11 @@ class Connections:
         self.problem = ""
 
     def find(self) -> Optional[str]:
-        found = _fusectl_mount()  # again each time: it may have been unmounted
-        self.root = found or self._mount()
+        # the one found before, while it is still a mount point (two stats: this runs for
+        # every FUSE filesystem in scope at every tick); else the mount table again
+        if self.root is not None and os.path.ismount(self.root):
+            return self.root
+        self.root = _fusectl_mount() or self._mount()
         return self.root
 
     def waiting(self, dev: int) -> Optional[int]:
