@@ -199,6 +199,8 @@ def test_a_users_fuse_mount_in_scope_is_marked_and_its_execs_denied_unread(
     allow_sys_admin_access raised for the call). Its execs are then denied without a read:
     the user's daemon could show the agent other bytes than the exec runs (monitor mode
     lets it run and records the would-deny). The daemon answers everybody."""
+    param = Path("/sys/module/fuse/parameters/allow_sys_admin_access")
+    before = param.read_text().strip() if param.exists() else None
     with fuse_agent(tmp_path, material, mode) as (scope, payload, agent):
         with stalling_fuse(scope / "fuse", payload, agent.proc.pid, stall="none",
                            uid=NOBODY) as prog:
@@ -212,5 +214,4 @@ def test_a_users_fuse_mount_in_scope_is_marked_and_its_execs_denied_unread(
                                                  else "monitor"), records
             assert "FUSE filesystem of user 65534" in records[0]["detail"], records
             assert agent.status()["sensor"]["fuse_aborted"] == 0
-        with open("/sys/module/fuse/parameters/allow_sys_admin_access") as fh:
-            assert fh.read().strip() == "N"  # raised for the mark call only
+        assert param.read_text().strip() == before  # raised for the mark call only
