@@ -200,7 +200,7 @@ def test_a_users_fuse_mount_in_scope_is_marked_and_its_execs_denied_unread(
     the user's daemon could show the agent other bytes than the exec runs (monitor mode
     lets it run and records the would-deny). The daemon answers everybody."""
     param = Path("/sys/module/fuse/parameters/allow_sys_admin_access")
-    before = param.read_text().strip() if param.exists() else None
+    before = param.read_text().strip() if param.exists() else "N"  # the module's default
     with fuse_agent(tmp_path, material, mode) as (scope, payload, agent):
         with stalling_fuse(scope / "fuse", payload, agent.proc.pid, stall="none",
                            uid=NOBODY) as prog:
