@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional
 
+from agent.sensors.fanotify_fuse import ADMIN_ACCESS
+
 Reader = Callable[[str], Optional[str]]
 
 
@@ -114,10 +116,7 @@ def leases(read: Reader) -> HostSetting:
                        "never wrong); 1 restores the cache")
 
 
-FUSE_ADMIN_ACCESS = "/sys/module/fuse/parameters/allow_sys_admin_access"
-
-
-def fuse_marks(param: str = FUSE_ADMIN_ACCESS, fuse_known: Optional[bool] = None
+def fuse_marks(param: str = ADMIN_ACCESS, fuse_known: Optional[bool] = None
                ) -> HostSetting:
     """A user's FUSE mount (the setuid fusermount3 makes them, without allow_other) refuses
     root: fanotify_mark's permission check refused the agent, and execs there ran

@@ -192,8 +192,9 @@ class FsMarks:
         return dict(self._fuse)
 
     def forget_fuse(self, dev: int) -> None:
-        """Its FUSE connection is gone."""
+        """Its FUSE connection is gone (its mounting user goes with it)."""
         self._fuse.pop(dev, None)
+        self._fuse_users.pop(dev, None)
 
     def any_user_fuse(self) -> bool:
         """A FUSE filesystem mounted by a user other than root is (or was) marked."""
