@@ -38,6 +38,9 @@ from agent.sensors.fanotify_model import ALLOW_ONCE, AllowOnce
 from agent.service.heartbeat import Heartbeat
 from agent.writers import has_writers
 
+# an overlay file with no verdict of its own, allowed by its layer file's (exec_verdict.h)
+LAYER_HIT = "kernel verdict map hit: the overlay's layer file underneath"
+
 
 def _say(message: str) -> None:
     print(f"execguard: {message}", file=sys.stderr, flush=True)
@@ -289,7 +292,7 @@ class LsmRunner(KernelRecords):
         self._dispatch(lrec.record, lrec.eperm)
 
     def _handle_exec(self, rec: Any, eperm: bool) -> None:
-        from agent.sensors.decode import KernelState
+        from agent.sensors.decode import KernelAction, KernelState
 
         event: ExecEvent = rec.event
         snapshot = self.decider.store.current.snapshot
@@ -298,6 +301,9 @@ class LsmRunner(KernelRecords):
         if held is not None:  # fanotify decided this exec a moment ago
             event = dataclasses.replace(event, exe=held.event.exe)
             self.record(replace_decision(held, event=event))
+            return
+        if rec.state is KernelState.ALLOW and rec.action is KernelAction.LAYER:
+            self._record_kernel_hit(event, snapshot, LAYER_HIT)
             return
         if rec.state is KernelState.ALLOW:
             self._record_kernel_hit(event, snapshot)

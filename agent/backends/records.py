@@ -141,7 +141,8 @@ class KernelRecords:
             decision = self._stop_late(decision)
         self.record(decision)
 
-    def _record_kernel_hit(self, event: ExecEvent, snapshot: PolicySnapshot) -> None:
+    def _record_kernel_hit(self, event: ExecEvent, snapshot: PolicySnapshot,
+                           detail: str = "kernel verdict map hit") -> None:
         """The kernel map repeats an allow: record the first exec of each file version (it
         may only have been pre-warmed), then count: a decision line per cache hit would cost
         the agent more than the exec costs the kernel."""
@@ -150,8 +151,7 @@ class KernelRecords:
             if len(self._recorded) >= self.RECORDED_MAX:
                 self._recorded.clear()
             self._recorded.add(event.identity)
-            self.record(Decision(event, True, Reason.OK, "kernel verdict map hit",
-                                 Enforcement.NONE, Source.CACHE,
+            self.record(Decision(event, True, Reason.OK, detail, Enforcement.NONE, Source.CACHE,
                                  policy_version=snapshot.version))
 
     def _handle_mapping(self, rec: Any, eperm: bool) -> None:

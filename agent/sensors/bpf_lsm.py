@@ -118,6 +118,8 @@ def verdict_offsets(btf: Btf, blob: bytes, setattr_func: str) -> Dict[str, int]:
     # where a file is: its directory ancestors within the filesystem, and the fs root
     out["EG_OFF_DENTRY_PARENT"] = btf.require("dentry", "d_parent", 8).offset
     out["EG_OFF_SB_ROOT"] = btf.require("super_block", "s_root", 8).offset
+    # an overlay's layer file (exec_verdict.h eg_note_layer): the filesystem's magic
+    out["EG_OFF_SB_MAGIC"] = btf.require("super_block", "s_magic", 8).offset
     # what the file is: name count (0: no path), type, writers, and the mtime that stands
     # for the bytes after a rename
     out["EG_OFF_INODE_NLINK"] = btf.require("inode", "i_nlink", 4).offset

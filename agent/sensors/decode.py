@@ -63,6 +63,7 @@ class KernelAction(IntEnum):
     NONE = 0
     KILLED = 1
     KILL_FAILED = 2
+    LAYER = 3  # bpf-lsm, fmod-ret: an overlay file judged by its layer file's verdict
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ INIT, LOOKUP, GETATTR, OPEN, READ, RELEASE, FLUSH; everything else gets ENOSYS.
 Attributes are never cached (valid for 0 s), so every stat of the file is a request too.
 
     python -m tests.attacks.fuse_daemon --mountpoint DIR --file PATH \
-        --stall-pid PID [--stall all|read|none] [--fusermount] [--ready FILE]
+        --stall-pid PID [--stall all|read|none] [--fusermount] [--ready FILE] \
+        [--options default_permissions]
 
 ``--ready FILE`` is written once the mount exists. The daemon exits when the connection
 goes (unmounted, or aborted through /sys/fs/fuse/connections/N/abort).
@@ -116,19 +117,19 @@ class Daemon:
             os.write(self.dev, OUT_HEADER.pack(OUT_HEADER.size + len(out), err, unique) + out)
 
 
-def mount(dev: int, where: str) -> None:
+def mount(dev: int, where: str, extra: str = "") -> None:
     libc = ctypes.CDLL(None, use_errno=True)
-    opts = f"fd={dev},rootmode=40000,user_id=0,group_id=0,allow_other".encode()
+    opts = f"fd={dev},rootmode=40000,user_id=0,group_id=0,allow_other{extra}".encode()
     if libc.mount(b"eg-stall-fuse", where.encode(), b"fuse", 0, opts) != 0:
         e = ctypes.get_errno()
         raise OSError(e, f"mount fuse on {where}: {os.strerror(e)}")
 
 
-def mount_as_user(where: str) -> int:
+def mount_as_user(where: str, extra: str = "") -> int:
     """fusermount3 mounts for us and hands /dev/fuse back over a socket (_FUSE_COMMFD)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     env = dict(os.environ, _FUSE_COMMFD=str(theirs.fileno()))
-    subprocess.run(["fusermount3", "-o", "fsname=eg-stall-fuse", "--", where], env=env,
+    subprocess.run(["fusermount3", "-o", f"fsname=eg-stall-fuse{extra}", "--", where], env=env,
                    pass_fds=[theirs.fileno()], check=True, timeout=30)
     theirs.close()
     _msg, fds, _flags, _addr = socket.recv_fds(ours, 1, 1)
@@ -148,12 +149,17 @@ def main(argv: Optional[list] = None) -> int:  # type: ignore[type-arg]
     ap.add_argument("--ready")
     ap.add_argument("--fusermount", action="store_true",
                     help="mount through fusermount3 (as the user running this)")
+    ap.add_argument("--options", default="",
+                    help="more mount options, comma-separated (default_permissions: the "
+                         "kernel asks the daemon for attributes at every permission check, "
+                         "the mark's path lookup included)")
     args = ap.parse_args(argv)
+    extra = f",{args.options}" if args.options else ""
     if args.fusermount:
-        dev = mount_as_user(args.mountpoint)
+        dev = mount_as_user(args.mountpoint, extra)
     else:
         dev = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
-        mount(dev, args.mountpoint)
+        mount(dev, args.mountpoint, extra)
     if args.ready:
         Path(args.ready).write_text("mounted\n")
     ops = {"read": {READ}, "none": set()}.get(args.stall, set(range(1, 64)) - {INIT})

@@ -331,6 +331,36 @@ def run_overlay(stage: Stage, user: User) -> Outcome:
         + 'exec "$2/payload-static"', opts, str(merged)), user)
 
 
+def run_overlay_copy_up(stage: Stage, user: User) -> Outcome:
+    """An overlay over the way's own directory in the scope (a signed app): the app is run
+    through it first (so the BPF backends have paired the overlay file with its signed
+    layer file: exec_verdict.h eg_note_layer), then the payload is written over it through
+    the overlay (a copy-up: the bytes go to the upper layer, outside the scope) and exec'd
+    there. The first run is no control: the kill backend cannot verify a file of a
+    filesystem only another mount namespace shows, and kills the signed app every time
+    (said in docs/threat-model.md). Each try on a fresh overlay: a retry must not start
+    from the last try's upper layer."""
+    way = "overlay-copy-up"
+    return run_until_not_killed(own_ns_sh(
+        user, 'TMPDIR=$(mktemp -d)\n'
+        f'D=$(mktemp -d -p "$1") {fail("mktemp")}\n'
+        f'mkdir "$D/u" "$D/w" "$D/m" {fail("mkdir")}\n'
+        + mount_or_refused("mount overlay", 'mount -t overlay eg-attack -o '
+                           '"lowerdir=$2,upperdir=$D/u,workdir=$D/w" "$D/m"')
+        + 'i=0\n'
+        'until "$D/m/app" 2>/dev/null | grep -q EG-BENIGN || [ $i -ge 8 ]; do\n'
+        '  i=$((i + 1)); sleep 0.25\n'
+        'done\n'
+        f'cat "$3" > "$D/m/app" {fail("copy-up write")}\n'
+        'exec "$D/m/app"', str(stage.away(way, user)), str(stage.home(way, user)),
+        str(stage.shared("payload-dyn"))), user)
+
+
+def prepare_overlay_copy_up(stage: Stage, user: User) -> None:
+    prepare_signed_app("overlay-copy-up")(stage, user)
+    own_dir(stage.away("overlay-copy-up", user), user)
+
+
 def prepare_bind_scope(stage: Stage, user: User) -> None:
     own_dir(stage.away("bind-scope", user) / "view", user)
 
@@ -590,6 +620,11 @@ WAYS: Tuple[Way, ...] = (
         "the payload through it (root: in a private mount namespace; nobody: in a user "
         "namespace)", run_overlay, prepare_overlay,
         needs_root=True),
+    Way("overlay-copy-up", "overlayfs over a signed program in the scope: it runs through the "
+        "overlay, then the payload is written over it there (a copy-up into the upper layer, "
+        "outside the scope) and exec'd through the overlay (root: in a private mount "
+        "namespace; nobody: in a user namespace)", run_overlay_copy_up,
+        prepare_overlay_copy_up, needs_root=True),
     Way("bind-scope", "bind mount of the scope elsewhere; exec the payload there",
         run_bind_scope, prepare_bind_scope, needs_root=True, as_nobody=False),
     Way("bind-file-over-signed", "bind mount of the scope's unsigned file over a signed path "
@@ -784,6 +819,15 @@ EXPECTED: Dict[str, Dict[str, Expect]] = {
              "neither the kernel map nor the agent judges it (logged nothing). Nothing but "
              "denying the attacker CAP_SYS_ADMIN closes it for root" + _USERNS),
         RUNS(_ISSUE.format("runs, overlayfs is another device"))),
+    "overlay-copy-up": row(
+        RUNS("the copy-up put the payload in the overlay's upper layer, a directory outside "
+             "every scope on a filesystem fanotify-exec does not mark, and the exec through the "
+             "overlay opens that file, not the scope's (logged: only the allow of the signed "
+             "program run through the overlay before the write). The same as running the "
+             "payload from the upper directory itself, which no scope covers: a scope over the "
+             "upper directories (a runtime's storage) closes it. bpf-lsm and fmod-ret hold "
+             "every file of an overlay with a layer in scope in scope"),
+        KILLED),
     "bind-scope": row(BLOCKED, KILLED, BLOCKED),
     "bind-file-over-signed": row(BLOCKED, KILLED, BLOCKED),
     "bind-foreign-over-signed": row(
@@ -868,6 +912,9 @@ BPF_EXPECTED: Dict[str, Expect] = {
         # mounts onto scope paths that reach the agent's namespace; an overlay of a scope
         # layer is in scope
         "tmpfs-in-scope", "bind-file-over-signed", "overlay-lower",
+        # an overlay file without a verdict of its own is judged by its layer file's, paired
+        # at the overlay's open of it: a copy-up pairs it with the new upper file
+        "overlay-copy-up",
         # writers: the open for write drops the verdict, nothing identity-keyed is trusted
         # after that
         "mmap-shared-write", "mmap-shared-prearmed",

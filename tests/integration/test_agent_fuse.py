@@ -68,7 +68,7 @@ def material(material_fixture: Material) -> Material:  # noqa: F811
 
 @contextlib.contextmanager
 def stalling_fuse(mnt: Path, payload: Path, stall_pid: int, stall: str = "all",
-                  uid: Optional[int] = None) -> Iterator[Path]:
+                  uid: Optional[int] = None, options: str = "") -> Iterator[Path]:
     """The daemon mounted at ``mnt``, serving ``payload`` under any name (``mnt/prog``,
     ``mnt/prog1``...): as root with mount(2), or as ``uid`` through the setuid fusermount3
     in a directory that user owns. Unmounted (lazily, if it hangs) and killed in finally."""
@@ -76,7 +76,7 @@ def stalling_fuse(mnt: Path, payload: Path, stall_pid: int, stall: str = "all",
     ready = mnt.parent / f".{mnt.name}.ready"
     cmd = [sys.executable, "-m", "tests.attacks.fuse_daemon", "--mountpoint", str(mnt),
            "--file", str(payload), "--stall-pid", str(stall_pid), "--stall", stall,
-           "--ready", str(ready)]
+           "--ready", str(ready), "--options", options]
     if uid is not None:
         os.chown(mnt, uid, uid)
         os.chmod(mnt.parent, 0o1777)  # the ready file, written as the user
@@ -151,6 +151,68 @@ def test_a_fuse_file_that_never_answers_the_agent_is_cut_off_not_waited_for(
                                     str(prog)], capture_output=True, text=True,
                                    timeout=60)
             assert "not connected" in again.stderr, again.stderr
+
+
+def lazy_unmount(mnt: Path, uid: Optional[int]) -> None:
+    """Detach the mount at once, as its owner can (fusermount3 -u -z): the filesystem leaves
+    every mount table, its connection and the agent's stalled request stay."""
+    argv = ["umount", "-l", str(mnt)] if uid is None else \
+        [*as_user(uid), "fusermount3", "-u", "-z", str(mnt)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    assert done.returncode == 0, done
+
+
+@pytest.mark.parametrize("who", ["root", "nobody"])
+def test_a_stalled_fuse_file_lazily_unmounted_is_still_cut_off(
+        tmp_path: Path, material: Material, who: str) -> None:
+    """Found in review: the owner detaches the filesystem (a lazy unmount) while the agent
+    waits in its daemon; the filesystem left the mount table, and with it the breaker's
+    list of connections, so nothing cut the stalled request off and the agent waited for
+    ever. The agent keeps a marked FUSE filesystem on that list after an unmount."""
+    uid = NOBODY if who == "nobody" else None
+    app = material.bins["app"]
+    with fuse_agent(tmp_path, material) as (scope, payload, agent):
+        signed = copy_signed(app, scope / "signed", material.private["a"])
+        with stalling_fuse(scope / "fuse", payload, agent.proc.pid, uid=uid) as prog:
+            fuse_marked(agent)
+            t0 = time.monotonic()
+            attack = subprocess.Popen([*as_user(uid), "/bin/sh", "-c", 'exec "$0"', str(prog)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                time.sleep(0.3)  # the agent's open of the event's file is in the daemon now
+                lazy_unmount(prog.parent, uid)
+                code = attack.wait(60)
+            finally:
+                attack.kill()
+            waited = time.monotonic() - t0
+            assert code != 0, "the FUSE file ran"
+            assert waited < 10, f"the attacker's exec waited {waited:.1f}s"
+            time.sleep(4)  # past the watchdog's stall limit
+            assert agent.proc.poll() is None, "the agent died"
+            assert agent.status()["sensor"]["fuse_aborted"] >= 1
+            assert exec_file(signed).returncode == 0
+
+
+def test_a_fuse_mount_whose_daemon_never_answers_the_agents_mark_is_cut_off(
+        tmp_path: Path, material: Material) -> None:
+    """Found in review: with default_permissions the kernel asks the daemon for attributes
+    at each permission check, the path lookup of the agent's own fanotify_mark call
+    included; a daemon that never answers held that call, and the backend's lock with it,
+    so every exec in scope waited. The filesystem is on the breaker's list before the mark
+    call is made: cut off, the call fails, and the agent goes on."""
+    app = material.bins["app"]
+    with fuse_agent(tmp_path, material) as (scope, payload, agent):
+        signed = copy_signed(app, scope / "signed", material.private["a"])
+        unsigned = copy_signed(app, scope / "unsigned", None)
+        with stalling_fuse(scope / "fuse", payload, agent.proc.pid,
+                           options="default_permissions"):
+            wait_for(lambda: agent.status()["sensor"]["fuse_aborted"] >= 1, timeout=15)
+            assert exec_file(signed).returncode == 0
+            assert exec_file(unsigned).returncode == 126
+            time.sleep(4)  # past the watchdog's stall limit
+            assert agent.proc.poll() is None, "the agent died"
+            assert exec_file(signed).returncode == 0
+            assert str(scope / "fuse") in agent.status()["sensor"]["fuse_last_aborted"]
 
 
 def test_fuse_reads_that_never_answer_do_not_hold_the_decide_workers(

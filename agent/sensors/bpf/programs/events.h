@@ -40,6 +40,8 @@ enum eg_action {
 	EG_ACT_NONE = 0,        /* allowed, or denied but out of scope / kill off: reported only */
 	EG_ACT_KILLED = 1,      /* bpf_send_signal(SIGKILL) returned 0 */
 	EG_ACT_KILL_FAILED = 2, /* bpf_send_signal returned an error (in ev.kill_err) */
+	EG_ACT_LAYER = 3,       /* bpf-lsm, fmod-ret: an overlay file without a verdict of its
+				 * own, judged by its layer file's (the real file underneath) */
 };
 
 /* eg_exec_event.flags */

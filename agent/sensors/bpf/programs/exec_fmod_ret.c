@@ -61,6 +61,7 @@ KMOD_RET(security_ptrace_access_check, struct task_struct *child, unsigned int m
 KFUNC_PROBE(security_file_open, struct file *file)
 {
 	eg_forget_if_write(file);
+	eg_note_layer(file);
 	eg_note_open(file);
 	return 0;
 }

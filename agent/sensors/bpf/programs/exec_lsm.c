@@ -36,6 +36,7 @@ LSM_PROBE(file_open, struct file *file)
 	if (ret)
 		return ret;
 	eg_forget_if_write(file);
+	eg_note_layer(file);
 	eg_note_open(file);
 	return 0;
 }

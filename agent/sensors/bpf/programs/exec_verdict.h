@@ -2,7 +2,8 @@
  * and the fmod_ret backend (exec_fmod_ret.c). One copy, so both judge the same way:
  *
  *   where   is a file in scope? (eg_place: its filesystem's class, the directories above it)
- *   what    is its verdict?     (eg_state_of: the verdict map, the change stamp, writers)
+ *   what    is its verdict?     (eg_state_of: the verdict map, the change stamp, writers;
+ *                                an overlay file without one: its layer's, eg_layer_state)
  *   judge   an exec             (eg_judge_exec: deny unknown and denied files in scope,
  *                                and a dynamic loader run as a program)
  *           a mapping           (eg_judge_map: PROT_EXEC of a file in scope, by mmap or
@@ -47,6 +48,9 @@
 #ifndef EG_PATH_SLOTS
 #define EG_PATH_SLOTS 1024 /* threads between their exec open and bprm_check at once */
 #endif
+#ifndef EG_LAYER_SLOTS
+#define EG_LAYER_SLOTS 4096 /* overlay files whose layer file was opened lately */
+#endif
 #ifndef EG_WALK_MAX
 #define EG_WALK_MAX 40 /* directory levels walked up from a file in a PARTIAL filesystem */
 #endif
@@ -68,6 +72,7 @@
 #define EG_MS_MOVE 8192
 #define EG_MS_PROPAGATION ((1 << 16) | (1 << 17) | (1 << 19) | (1 << 20)) /* UNBINDABLE..SHARED */
 #define EG_PTRACE_MODE_ATTACH 0x02
+#define EG_OVERLAYFS_MAGIC 0x794c7630
 
 /* eg_config.flags for these programs (the kill bit of exec_sensor.c means "enforce" here) */
 #define EG_LSM_CFG_ENFORCE 0x01      /* return -EPERM for deny verdicts in scope */
@@ -157,6 +162,20 @@ struct eg_parked_path {
 BPF_TABLE("lru_hash", __u64, struct eg_parked_path, exec_paths, EG_PATH_SLOTS);
 BPF_TABLE("lru_hash", struct eg_file_key, struct eg_parked_path, open_paths, EG_PATH_SLOTS);
 BPF_PERCPU_ARRAY(path_scratch, struct eg_parked_path, 1); /* too big for the stack */
+
+/* An overlay file's layer file: the real file underneath, which holds its bytes, seen when
+ * the overlay opened it (eg_note_layer), with both files' stamps of that moment. */
+struct eg_layer {
+	struct eg_file_key real;
+	__u64 real_ctime_ns;
+	__u64 real_mtime_ns;
+	__u64 real_size;
+	__u64 ctime_ns; /* the overlay inode's own stamp: another file may share its number */
+	__u64 size;
+	__u32 writers;  /* the real file was open for write */
+	__u32 _pad;
+};
+BPF_TABLE("lru_hash", struct eg_file_key, struct eg_layer, layers, EG_LAYER_SLOTS);
 
 /* A typed direct load of base + off: stays a BTF load because every caller is static. */
 #define EG_LOAD(type, base, off) (*(type *)((const char *)(base) + (off)))
@@ -351,13 +370,13 @@ static __always_inline __u32 eg_epoch(void)
 	return rt ? rt->epoch : 0;
 }
 
-/* The verdict map's word on this version of the file. A verdict written in another rename
- * epoch, or whose stamp moved, is stale: unknown again. After a rename or a link (which
- * move the ctime, not the bytes) the entry is marked and (mtime, size) stand instead:
- * every write that could keep the mtime (an open for write, a truncate, a setattr) drops
- * the entry outright. */
-static __always_inline __u8 eg_state_of(const void *inode, struct eg_file_key *key,
-					__u64 ctime_ns, __u64 size)
+/* The verdict map's word on this version of a file, by its key and stamp. A verdict
+ * written in another rename epoch, or whose stamp moved, is stale: unknown again. After a
+ * rename or a link (which move the ctime, not the bytes) the entry is marked and (mtime,
+ * size) stand instead: every write that could keep the mtime (an open for write, a
+ * truncate, a setattr) drops the entry outright. */
+static __always_inline __u8 eg_stamp_state(struct eg_file_key *key, __u64 ctime_ns,
+					   __u64 mtime_ns, __u64 size)
 {
 	struct eg_verdict *v = verdicts.lookup(key);
 	if (!v)
@@ -365,9 +384,64 @@ static __always_inline __u8 eg_state_of(const void *inode, struct eg_file_key *k
 	if (v->epoch != eg_epoch() || v->size != size)
 		return EG_STATE_STALE;
 	if (v->ctime_ns != ctime_ns && !(v->flags & EG_VF_ATTR) &&
-	    !((v->flags & EG_VF_MOVED) && v->mtime_ns == eg_mtime(inode)))
+	    !((v->flags & EG_VF_MOVED) && v->mtime_ns == mtime_ns))
 		return EG_STATE_STALE;
 	return v->verdict == EG_VERDICT_ALLOW ? EG_STATE_ALLOW : EG_STATE_DENY;
+}
+
+static __always_inline __u8 eg_state_of(const void *inode, struct eg_file_key *key,
+					__u64 ctime_ns, __u64 size)
+{
+	return eg_stamp_state(key, ctime_ns, eg_mtime(inode), size);
+}
+
+/* ------------------------------------------------------------------------------- layers */
+
+/* overlayfs (5.x to 6.5) opens an overlay file's layer file inside the overlay file's own
+ * open, with the overlay's path and the layer's inode (open_with_fake_path): a file whose
+ * dentry shows another inode than its own, on an overlay. Only the kernel makes such a
+ * file. Its pairing is noted, with both stamps: an exec of the overlay file, or a mapping
+ * of it, that has no verdict of its own is then judged by the layer file's verdict (a new
+ * container's overlay over a verified layer runs at its first start). 6.6+ opens a
+ * "backing file" with the layer's own path instead: nothing is noted there, and an overlay
+ * file is judged by its own verdict alone, as before. */
+static __always_inline void eg_note_layer(const void *file)
+{
+	const void *real = eg_file_inode(file);
+	const void *shown = eg_dentry_inode(eg_file_dentry(file));
+	if (!real || !shown || real == shown)
+		return;
+	const void *sb = EG_LOAD(const void *, shown, EG_OFF_INODE_SB);
+	if (!sb || EG_LOAD(unsigned long, sb, EG_OFF_SB_MAGIC) != EG_OVERLAYFS_MAGIC)
+		return;
+	struct eg_file_key key = {};
+	struct eg_layer l = {};
+	if (!eg_inode_key(shown, &key) || !eg_inode_key(real, &l.real))
+		return;
+	l.real_ctime_ns = eg_ctime(real);
+	l.real_mtime_ns = eg_mtime(real);
+	l.real_size = EG_LOAD(__u64, real, EG_OFF_INODE_SIZE);
+	l.ctime_ns = eg_ctime(shown);
+	l.size = EG_LOAD(__u64, shown, EG_OFF_INODE_SIZE);
+	l.writers = EG_LOAD(__s32, real, EG_OFF_INODE_WRITECOUNT) > 0;
+	layers.update(&key, &l);
+}
+
+/* The state of an overlay file (key, stamp) from its layer file's verdict: unknown unless
+ * the overlay file is the one noted (same stamp), its layer file had no writers then, and
+ * that file's verdict holds for the stamp noted. A write to the layer file since dropped
+ * its verdict (the open for write, a truncate); a copy-up re-pairs at the next open. Not
+ * under path rules: the layer file's verdict was earned at its own path. */
+static __always_inline __u8 eg_layer_state(struct eg_file_key *key, __u64 ctime_ns,
+					   __u64 size, __u32 flags)
+{
+	if (flags & EG_LSM_CFG_PATHS)
+		return EG_STATE_UNKNOWN;
+	struct eg_layer *l = layers.lookup(key);
+	if (!l || l->writers || l->ctime_ns != ctime_ns || l->size != size)
+		return EG_STATE_UNKNOWN;
+	__u8 state = eg_stamp_state(&l->real, l->real_ctime_ns, l->real_mtime_ns, l->real_size);
+	return state == EG_STATE_STALE ? EG_STATE_UNKNOWN : state;
 }
 
 /* Changed since the agent started (created, written, renamed, chmod'ed: every one of them
@@ -581,6 +655,14 @@ static __always_inline int eg_judge_exec(const void *bprm)
 	__u64 size = EG_LOAD(__u64, inode, EG_OFF_INODE_SIZE);
 	__u64 ctime_ns = eg_ctime(inode);
 	__u8 state = eg_state_of(inode, &w.key, ctime_ns, size);
+	__u8 action = EG_ACT_NONE;
+	if (in_scope && state != EG_STATE_ALLOW && state != EG_STATE_DENY) {
+		__u8 layer = eg_layer_state(&w.key, ctime_ns, size, flags);
+		if (layer != EG_STATE_UNKNOWN) {
+			state = layer;
+			action = EG_ACT_LAYER;
+		}
+	}
 
 	__u8 evflags = w.flags | (in_scope ? EG_F_IN_SCOPE : 0);
 	if (loader)
@@ -609,6 +691,7 @@ static __always_inline int eg_judge_exec(const void *bprm)
 #endif
 		return ret;
 	}
+	e->action = action;
 #ifdef EG_PATH_D_PATH
 	/* The absolute path of the file being loaded (f_path is a struct inside struct file). */
 	if (bpf_d_path((struct path *)((const char *)file + EG_OFF_FILE_PATH), e->path,
@@ -633,6 +716,7 @@ struct eg_map_look {
 	__u64 ctime_ns;
 	__u8 state;
 	__u8 evflags;
+	__u8 action; /* EG_ACT_LAYER: the state is the overlay's layer file's */
 };
 
 static __always_inline void eg_map_verdict(const void *inode, struct eg_where *w,
@@ -642,6 +726,14 @@ static __always_inline void eg_map_verdict(const void *inode, struct eg_where *w
 	m->size = EG_LOAD(__u64, inode, EG_OFF_INODE_SIZE);
 	m->ctime_ns = eg_ctime(inode);
 	m->state = eg_state_of(inode, &w->key, m->ctime_ns, m->size);
+	m->action = EG_ACT_NONE;
+	if (m->state != EG_STATE_ALLOW && m->state != EG_STATE_DENY) {
+		__u8 layer = eg_layer_state(&w->key, m->ctime_ns, m->size, flags);
+		if (layer != EG_STATE_UNKNOWN) {
+			m->state = layer;
+			m->action = EG_ACT_LAYER;
+		}
+	}
 	m->evflags = w->flags | EG_F_IN_SCOPE;
 	if (EG_LOAD(__s32, inode, EG_OFF_INODE_WRITECOUNT) > 0) {
 		m->evflags |= EG_F_WRITERS; /* the bytes may change under the verdict */
@@ -692,6 +784,7 @@ static __always_inline int eg_judge_map(const void *file, __u8 op, unsigned long
 	struct eg_exec_event *e = eg_record(op, state, evflags, &w.key, ctime_ns, size, (__s32)prot);
 	if (!e)
 		return ret;
+	e->action = m.action;
 	eg_copy_parked(e, open_paths.lookup(&w.key));
 	eg_send(e);
 	return ret;
