@@ -25,6 +25,8 @@ from agent.breakglass.token import (
     DEFAULT_MAX_SECONDS,
     DEFAULT_THRESHOLD,
     GRANT_MONITOR,
+    GRANT_STOP,
+    Authority,
     HostId,
     Ledger,
     Rejected,
@@ -38,6 +40,7 @@ from agent.breakglass.token import (
 from agent.errors import ExecguardError
 from agent.policy import Mode, PolicySnapshot
 from agent.policy.build import canonical_text
+from agent.policy.bundle_verify import load_pinned
 from agent.record.audit_format import AgentEvent, AgentEventKind
 
 if TYPE_CHECKING:
@@ -183,21 +186,29 @@ class BreakGlass:
         """The token in ``data``, verified for ``grant`` and spent: its ``event`` line (with
         ``extra``) is in the ledger before this returns. Rejected otherwise, nothing spent."""
         with self._lock:
-            return self._admit(data, grant, event, extra)
+            return self._admit(data, grant, event, extra, None)[0]
 
-    def _admit(self, data: bytes, grant: str, event: str, extra: Dict[str, Any]) -> Token:
+    def admit_stop(self, data: bytes, event: str, policy_keys: str, policy_threshold: int,
+                   **extra: Any) -> Tuple[Token, Authority]:
+        """A stop token, spent: signed by the break-glass keys (their threshold) or, when
+        they do not sign it, by ``policy_threshold`` of the policy root keys in
+        ``policy_keys`` (M-of-N, as bundles are); and who authorized it, for the records."""
+        with self._lock:
+            return self._admit(data, GRANT_STOP, event, extra, (policy_keys, policy_threshold))
+
+    def _admit(self, data: bytes, grant: str, event: str, extra: Dict[str, Any],
+               policy: Optional[Tuple[str, int]]) -> Tuple[Token, Authority]:
         try:
             host = self.host()
         except ExecguardError as exc:
             raise Rejected("wrong-host", f"this host has no identity to check: {exc}") from None
         try:
-            pinned = load_pinned_keys(self.keys_dir)
-        except ExecguardError as exc:
-            raise Rejected("no-keys", f"cannot load the pinned keys: {exc}") from None
-        if not pinned:
-            raise Rejected("no-keys", f"no break-glass key is pinned in {self.keys_dir}")
-        token = verify(data, SOURCE, pinned, host, self.clock(), self.max_seconds,
-                       self.threshold, grant)
+            token, authority = self._signed(data, grant, host, policy)
+        except Rejected as exc:
+            if policy is None or exc.code not in ("no-keys", "untrusted-key"):
+                raise
+            token, authority = self._signed_by_policy(data, grant, host, policy, exc)
+        extra = {**extra, "authority": authority.to_json()} if policy is not None else extra
         try:
             spent = self.ledger.spent()
         except ExecguardError as exc:
@@ -212,7 +223,40 @@ class BreakGlass:
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             raise Rejected("ledger-error", f"{self.ledger.path}: cannot record the token "
                            f"({why}); refused") from None
-        return token
+        return token, authority
+
+    def _signed(self, data: bytes, grant: str, host: HostId,
+                policy: Optional[Tuple[str, int]]) -> Tuple[Token, Authority]:
+        """Verified with the break-glass keys and threshold."""
+        try:
+            pinned = load_pinned_keys(self.keys_dir)
+        except ExecguardError as exc:
+            raise Rejected("no-keys", f"cannot load the pinned keys: {exc}") from None
+        if not pinned:
+            raise Rejected("no-keys", f"no break-glass key is pinned in {self.keys_dir}")
+        token = verify(data, SOURCE, pinned, host, self.clock(), self.max_seconds,
+                       self.threshold, grant)
+        return token, Authority.of("breakglass", data, pinned, self.threshold)
+
+    def _signed_by_policy(self, data: bytes, grant: str, host: HostId,
+                          policy: Tuple[str, int], first: Rejected) -> Tuple[Token, Authority]:
+        """Verified with the policy root keys and their threshold (M-of-N); ``first`` is the
+        break-glass keys' refusal, kept in the message when these refuse too."""
+        keys_dir, threshold = policy
+        try:
+            pinned = load_pinned(keys_dir)
+        except ExecguardError as exc:
+            raise Rejected(first.code, f"{first.detail}; the policy keys cannot sign a stop "
+                           f"either: {exc}") from None
+        try:
+            token = verify(data, SOURCE, pinned, host, self.clock(), self.max_seconds,
+                           threshold, grant, keys_name="policy")
+        except Rejected as exc:
+            if exc.code not in ("no-keys", "untrusted-key"):
+                raise
+            raise Rejected(exc.code, f"{first.detail}; nor by the policy keys ({keys_dir}, "
+                           f"threshold {threshold}): {exc.detail}") from None
+        return token, Authority.of("policy", data, pinned, threshold)
 
     def _install(self) -> None:
         agent = self.agent

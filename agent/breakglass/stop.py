@@ -1,5 +1,6 @@
 """The control verb ``stop`` behind ``execguard stop``: a break-glass token whose grant is
-``stop`` ends the agent and releases enforcement.
+``stop`` ends the agent and releases enforcement. It may be signed by the break-glass keys
+or, M-of-N as bundles are, by the policy root keys (``--policy-keys``, ``--policy-threshold``).
 
 On a bpf-lsm host with keep-enforcing the kernel refuses signals to the agent (issue 10),
 so this is the one way to end enforcement short of a reboot; on every backend it is the
@@ -18,7 +19,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
-from agent.breakglass.token import GRANT_STOP, MAX_REASON, Rejected, Token, reason_ok
+from agent.breakglass.token import MAX_REASON, Rejected, Token, reason_ok
 from agent.control import after_reply
 from agent.record.audit_format import AgentEventKind
 
@@ -57,8 +58,10 @@ class AuthorizedStop:
             if not isinstance(text, str) or not text.strip():
                 raise Rejected("malformed", "the stop request carries no token (the text of "
                                "a break-glass token with grant 'stop')")
-            token = bg.admit(text.encode(errors="replace"), GRANT_STOP, LEDGER_EVENT,
-                             **({"detail": why} if why else {}))
+            opts = self.agent.opts
+            token, authority = bg.admit_stop(text.encode(errors="replace"), LEDGER_EVENT,
+                                             opts.policy_keys, opts.policy_threshold,
+                                             **({"detail": why} if why else {}))
         except Rejected as exc:
             bg.rejected(exc, text if isinstance(text, str) else "",
                         AgentEventKind.STOP_REJECT, verb=VERB)
@@ -67,17 +70,18 @@ class AuthorizedStop:
         runner = self.agent.runner
         release = callable(getattr(runner, "release", None))
         bg.event(AgentEventKind.AUTHORIZED_STOP, token.nonce,
-                 (("issuer", token.issuer), ("release", "yes" if release else "no"),
-                  ("info", reason)))
-        self.agent.say(f"AUTHORIZED STOP by token {token.token_id} (issuer {token.issuer}): "
-                       f"{reason}; the agent stops"
+                 (("issuer", token.issuer), *authority.fields(),
+                  ("release", "yes" if release else "no"), ("info", reason)))
+        self.agent.say(f"AUTHORIZED STOP by token {token.token_id} (issuer {token.issuer}; "
+                       f"{authority.threshold} of the {authority.keys} keys): {reason}; the "
+                       "agent stops"
                        + (" and releases enforcement" if release else ""))
         record_why = f"authorized stop by token {token.token_id}: {reason}"
         # the answer first: request_stop lets the main loop end the process
         after_reply(lambda: self.agent.request_stop(record_why, release=True))
         return {"ok": True, "stopping": True, "token": token.nonce, "issuer": token.issuer,
-                "reason": reason, "release": release, "pid": os.getpid(),
-                "backend": getattr(runner, "name", None)}
+                "authority": authority.to_json(), "reason": reason, "release": release,
+                "pid": os.getpid(), "backend": getattr(runner, "name", None)}
 
 
 def register(agent: Agent, breakglass: BreakGlass) -> AuthorizedStop:

@@ -20,7 +20,19 @@ import secrets
 import stat
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Set, Tuple
+from typing import (
+    Any,
+    Dict,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+    Union,
+    cast,
+)
 
 from agent.envelope import Envelope, check_signatures, parse_envelope
 from agent.errors import ExecguardError, InputError, MalformedInput
@@ -145,12 +157,17 @@ def canonical(doc: Mapping[str, Any]) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def issue(key: PrivateKey, host: HostId, seconds: int, reason: str, *,
-          not_before: Optional[int] = None, now: Optional[float] = None,
+def issue(key: Union[PrivateKey, Sequence[PrivateKey]], host: HostId, seconds: int,
+          reason: str, *, not_before: Optional[int] = None, now: Optional[float] = None,
           max_seconds: int = DEFAULT_MAX_SECONDS,
           grant: str = GRANT_MONITOR) -> Tuple[Token, Envelope]:
     """Sign a token granting ``grant`` on ``host``, valid ``seconds`` from ``not_before``
-    (default: now)."""
+    (default: now), with ``key`` or each of several keys (M-of-N: a stop token signed by
+    policy root keys); the first is the issuer."""
+    keys: List[PrivateKey] = list(key) if isinstance(key, (list, tuple)) else [
+        cast(PrivateKey, key)]
+    if not keys:
+        raise ExecguardError("a token needs at least one signing key")
     issued = int(time.time() if now is None else now)
     start = issued if not_before is None else int(not_before)
     reason = reason.strip()
@@ -167,8 +184,11 @@ def issue(key: PrivateKey, host: HostId, seconds: int, reason: str, *,
     if grant not in GRANTS:
         raise ExecguardError(f"grant {grant!r} is unknown (one of {', '.join(GRANTS)})")
     token = Token(host, secrets.token_hex(16), issued, start, start + seconds, reason,
-                  key_fingerprint(key.public_key()), grant)
-    return token, Envelope(PAYLOAD_TYPE, token.payload()).signed_by(key)
+                  key_fingerprint(keys[0].public_key()), grant)
+    env = Envelope(PAYLOAD_TYPE, token.payload())
+    for one in keys:
+        env = env.signed_by(one)
+    return token, env
 
 
 # -- verification -------------------------------------------------------------------------
@@ -192,9 +212,11 @@ def load_pinned_keys(directory: str) -> Dict[str, TrustedKey]:
 
 def verify(data: bytes, source: str, pinned: Mapping[str, TrustedKey], host: HostId,
            now: float, max_seconds: int = DEFAULT_MAX_SECONDS,
-           threshold: int = DEFAULT_THRESHOLD, grant: str = GRANT_MONITOR) -> Token:
+           threshold: int = DEFAULT_THRESHOLD, grant: str = GRANT_MONITOR,
+           keys_name: str = "break-glass") -> Token:
     """The token in ``data`` if it grants ``grant`` and may be used on ``host`` at ``now``;
-    else Rejected. (Single use is the ledger's part.)"""
+    else Rejected. (Single use is the ledger's part.) ``keys_name`` names ``pinned`` in
+    messages: break-glass keys, or the policy root keys a stop may be signed by."""
     if len(data) > MAX_TOKEN_BYTES:
         raise Rejected("malformed", f"{source}: {len(data)} bytes, a token is at most "
                        f"{MAX_TOKEN_BYTES}")
@@ -203,15 +225,16 @@ def verify(data: bytes, source: str, pinned: Mapping[str, TrustedKey], host: Hos
     except MalformedInput as exc:
         raise Rejected("malformed", str(exc)) from None
     if not pinned:
-        raise Rejected("no-keys", "no break-glass key is pinned on this host")
+        raise Rejected("no-keys", f"no {keys_name} key is pinned on this host")
     report = check_signatures(env, pinned)
     if not report.meets(threshold):
         if report.invalid:
             raise Rejected("bad-signature", f"{source}: the signature by "
                            f"{', '.join(report.invalid)} does not verify (tampered?)")
-        named = ", ".join(report.unknown) or "no signature at all"
-        raise Rejected("untrusted-key", f"{source}: signed by {named}; "
-                       f"{threshold} signature(s) by pinned break-glass keys needed")
+        named = ", ".join(report.unknown) or "no other key"
+        raise Rejected("untrusted-key", f"{source}: signed by {len(report.valid)} pinned "
+                       f"{keys_name} key(s) and by {named}; {threshold} signature(s) by pinned "
+                       f"{keys_name} keys needed")
     try:
         token = Token.from_payload(env.payload, source)
     except MalformedInput as exc:
@@ -240,6 +263,35 @@ def verify(data: bytes, source: str, pinned: Mapping[str, TrustedKey], host: Hos
 
 _USE = {GRANT_MONITOR: "a monitor token is for 'execguard breakglass apply'",
         GRANT_STOP: "a stop token is for 'execguard stop'"}
+
+
+@dataclass(frozen=True)
+class Authority:
+    """Who authorized a token, for its records: which pinned keys (``breakglass`` or
+    ``policy``), how many of them were needed and pinned, and the signers among them."""
+
+    keys: str
+    threshold: int
+    pinned: int
+    signers: Tuple[str, ...]
+
+    @classmethod
+    def of(cls, keys: str, data: bytes, pinned: Mapping[str, TrustedKey],
+           threshold: int) -> Authority:
+        """Of a token ``data`` that verified against ``pinned``."""
+        env = parse_envelope(data, "token", PAYLOAD_TYPE)
+        return cls(keys, threshold, len(pinned),
+                   tuple(sorted(check_signatures(env, pinned).valid)))
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"keys": self.keys, "threshold": self.threshold, "pinned": self.pinned,
+                "signers": list(self.signers)}
+
+    def fields(self) -> Tuple[Tuple[str, str], ...]:
+        """Audit fields: no spaces (auditd would hex-encode the value)."""
+        return (("authority", f"{self.keys}-keys"),
+                ("threshold", f"{self.threshold}-of-{self.pinned}"),
+                ("signers", ",".join(self.signers)))
 
 
 def claimed_nonce(data: bytes) -> Optional[str]:

@@ -65,7 +65,11 @@ def add_parser(sub: Any) -> None:
     length.add_argument("--seconds", type=int, metavar="N", help="how long it lasts")
     i.add_argument("--reason", required=True, metavar="TEXT",
                    help="why (goes into the token, the audit log and the ledger)")
-    i.add_argument("--key", required=True, metavar="KEY", help="break-glass private key")
+    i.add_argument("--key", required=True, action="append", metavar="KEY",
+                   help="private key to sign with; repeat it for a token signed by several "
+                        "keys (the first is the issuer): a stop token may be signed by M "
+                        "policy root keys instead of a break-glass key, and execguard stop "
+                        "accepts it when M meets the agent's --policy-threshold")
     i.add_argument("--grant", choices=GRANTS, default=GRANT_MONITOR,
                    help="what the token allows: monitor (breakglass apply: monitor mode "
                    "until it ends; the default) or stop (execguard stop: the agent stops "
@@ -193,9 +197,10 @@ def run_issue(args: argparse.Namespace) -> int:
     seconds = args.seconds if args.seconds is not None else round(args.minutes * 60)
     try:
         host = HostId.parse(args.host)
-        key = signing.load_private_key(_read_key(args.key), args.key, _password)
+        keys = [signing.load_private_key(_read_key(path), path, _password)
+                for path in args.key]
         not_before = parse_time(args.not_before) if args.not_before else None
-        token, env = issue(key, host, seconds, args.reason, not_before=not_before,
+        token, env = issue(keys, host, seconds, args.reason, not_before=not_before,
                            max_seconds=round(args.max_minutes * 60), grant=args.grant)
         data = env.to_bytes()
         if args.output:

@@ -122,3 +122,52 @@ def test_authorized_stop_refusals_stop_and_replay(tmp_path: Path, material: Mate
         stops = run_tool("ausearch", "-m", "SERVICE_STOP", "-i", "-if", auditd.log_file)
         assert f"info=authorized stop by token {nonce[:12]}: decommission drill" in stops, \
             stops[-3000:]
+
+
+def test_a_stop_signed_by_m_of_n_policy_root_keys(tmp_path: Path, material: Material) -> None:
+    """No break-glass key pinned at all: the policy root keys (3 pinned, threshold 2, as
+    bundles are checked) sign the stop. One signature is refused, two stop the agent, and
+    the audit record names the authority."""
+    roots_dir = tmp_path / "policy-keys"
+    roots_dir.mkdir()
+    roots = [keygen(roots_dir / f"root{i}") for i in range(3)]
+    for private in roots:  # only the .pub files are pinned
+        private.rename(tmp_path / private.name)
+    roots = [tmp_path / r.name for r in roots]
+    host = cli("breakglass", "host-id").stdout.strip()
+    state = tmp_path / "state"
+
+    def issue_by(keys: List[Path], out: Path) -> str:
+        done = cli("breakglass", "issue", "--host", host, "--seconds", "600", "--reason",
+                   "INC-10: retire the host", "--grant", "stop", "-o", str(out),
+                   *[arg for k in keys for arg in ("--key", str(k))])
+        assert done.returncode == 0, done.stderr
+        return str(json.loads(base64.b64decode(json.loads(out.read_text())["payload"]))
+                   ["nonce"])
+
+    with auditd_running() as auditd, scoped_tmpfs() as scope:
+        unsigned = copy_signed(material.bins["app"], scope / "bad", None)
+        issue_by(roots[:1], tmp_path / "one.tok")
+        nonce = issue_by([roots[1], roots[2]], tmp_path / "two.tok")
+        with running_agent(tmp_path, "--mode", "enforce", "--scope", str(scope), "--key",
+                           str(material.keys["a"]), "--backend", BACKEND,
+                           "--breakglass-keys", str(tmp_path / "no-bg-keys"),
+                           "--policy-keys", str(roots_dir),
+                           "--policy-threshold", "2") as agent:
+            rc, doc = stop(state, tmp_path / "one.tok")
+            assert rc == 1 and doc["rejected"] == "untrusted-key", doc
+            assert "2 signature(s) by pinned policy keys needed" in doc["error"], doc
+            assert agent.proc.poll() is None and exec_file(unsigned).returncode == 126
+
+            rc, doc = stop(state, tmp_path / "two.tok")
+            assert rc == 0 and doc["ok"] and doc["token"] == nonce, doc
+            assert doc["authority"]["keys"] == "policy", doc
+            assert len(doc["authority"]["signers"]) == 2, doc
+            assert agent.proc.wait(timeout=60) == 0
+        assert exec_file(unsigned).returncode == 0  # enforcement ended with the agent
+        wait_in_log(auditd.log_file, "op=authorized-stop", 1)
+        found = run_tool("ausearch", "-m", "USYS_CONFIG", "-i", "-if", auditd.log_file)
+        assert any("op=authorized-stop" in x and f"token={nonce}" in x
+                   and "authority=policy-keys threshold=2-of-3 signers=\"sha256:" in x
+                   for x in found.splitlines()), \
+            found[-3000:]

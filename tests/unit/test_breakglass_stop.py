@@ -5,6 +5,7 @@ tests/integration/test_authorized_stop.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from pathlib import Path
@@ -31,7 +32,7 @@ from agent.control import ControlServer, after_reply, request
 from agent.daemon import Agent
 from agent.envelope import Envelope, parse_envelope
 from agent.policy import Mode
-from agent.verify.keys import parse_public_key
+from agent.verify.keys import key_fingerprint, parse_public_key
 from agent.verify.model import TrustedKey
 from tests.agent_fixtures import wait_for
 from tests.unit.test_breakglass_agent import HOST, T0, Clocks, make_agent
@@ -300,3 +301,55 @@ def test_agent_stop_without_release_method_just_stops(tmp_path: Path,
     agent.request_stop("authorized stop", release=True)
     agent.stop("authorized stop")
     assert runner.stopped
+
+
+# -- stops signed by the policy root keys (M-of-N) -------------------------------------------
+
+def policy_roots(where: Path, n: int) -> List[signing.PrivateKey]:
+    """``n`` policy root keys pinned in ``where`` (their .pub files), as bundles use them."""
+    where.mkdir()
+    roots = [signing.generate("ecdsa-p256") for _ in range(n)]
+    for i, root in enumerate(roots):
+        (where / f"root{i}.pub").write_bytes(signing.public_pem(root.public_key()))
+    return roots
+
+
+def test_m_of_n_policy_root_keys_authorize_a_stop_and_nothing_else(
+        setup: Setup, tmp_path: Path) -> None:
+    """The agent runs with --policy-keys (3 pinned) and --policy-threshold 2: a stop token
+    signed by two of them stops it, by one is refused, and a monitor token signed by the
+    policy keys is no break-glass (apply takes the break-glass keys only)."""
+    agent, _, _ = setup
+    roots = policy_roots(tmp_path / "policy-keys", 3)
+    agent.opts = dataclasses.replace(agent.opts, policy_keys=str(tmp_path / "policy-keys"),
+                                     policy_threshold=2)
+
+    def text(keys: List[signing.PrivateKey], grant: str = GRANT_STOP) -> str:
+        return issue(keys, HOST, 600, "decommission", now=NOW,
+                     grant=grant)[1].to_bytes().decode()
+
+    one = agent.handle({"cmd": "stop", "token": text(roots[:1])})
+    assert one["rejected"] == "untrusted-key", one
+    assert "1 signature(s) by pinned break-glass keys needed" in one["error"], one
+    assert "2 signature(s) by pinned policy keys needed" in one["error"], one
+    applied = agent.handle({"cmd": "breakglass-apply", "token": text(roots[:2], "monitor")})
+    assert applied["rejected"] == "untrusted-key", applied
+    assert not agent.stopping
+    assert agent.decider.store.current.snapshot.mode is Mode.ENFORCE
+
+    reply = agent.handle({"cmd": "stop", "token": text([roots[2], roots[0]])})
+    signed_by = sorted(key_fingerprint(r.public_key()) for r in (roots[0], roots[2]))
+    assert reply["ok"] and reply["issuer"] == key_fingerprint(roots[2].public_key()), reply
+    assert reply["authority"] == {"keys": "policy", "threshold": 2, "pinned": 3,
+                                  "signers": signed_by}, reply
+    assert agent.stopping
+    last = list(Ledger(agent.base_snapshot.state_dir).records())[-1]
+    assert (last["event"], last["authority"]) == ("stop", reply["authority"])
+
+
+def test_a_stop_signed_by_a_break_glass_key_names_that_authority(
+        setup: Setup, key: signing.PrivateKey) -> None:
+    agent, _, _ = setup
+    reply = agent.handle({"cmd": "stop", "token": token_text(key, GRANT_STOP)})
+    assert reply["authority"] == {"keys": "breakglass", "threshold": 1, "pinned": 1,
+                                  "signers": [key_fingerprint(key.public_key())]}, reply
