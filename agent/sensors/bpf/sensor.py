@@ -40,6 +40,7 @@ from agent.sensors.bpf.build import (
     program_text,
     realtime_offset,
 )
+from agent.sensors.bpf.memory import release_compiler_memory
 from agent.sensors.decode import ExecRecord, RecordDecoder, st_dev_to_kernel_dev
 from agent.sensors.errors import SensorMapError, SensorUnavailable
 
@@ -149,6 +150,8 @@ class BpfSensor:
         except Exception as exc:
             self.close()
             raise SensorUnavailable(self.backend, f"ring buffer or maps: {exc}") from exc
+        # the compiler is done: its memory goes back (agent/sensors/bpf/memory.py)
+        self.released = release_compiler_memory()
 
     # -- per backend -------------------------------------------------------------------------
 
