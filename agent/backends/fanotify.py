@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import subprocess
-import sys
 import threading
 import time
 from collections import OrderedDict
@@ -33,6 +32,7 @@ from agent.decision import Decision, Enforcement, ExecEvent, FileIdentity, Sourc
 from agent.errors import ExecguardError, Reason
 from agent.policy import Action, Mode, PolicySnapshot
 from agent.scope.live import judged_in_scope
+from agent.sensors.fanotify_fuse import say_cut
 from agent.sensors.fanotify_marks import STAMPED
 from agent.sensors.fanotify_model import ALLOW_ONCE, AllowOnce
 from agent.sensors.fanotify_writes import Count, WriteOpens
@@ -55,13 +55,6 @@ def answer_for(decision: Decision, enforcement: Enforcement, snapshot: PolicySna
     if decision.enforcement is enforcement:
         return False
     return ALLOW_ONCE if snapshot.mode is Mode.ENFORCE else True
-
-
-def _fuse_cut(name: str, why: str) -> None:
-    """A FUSE filesystem in scope stopped answering the agent and was aborted
-    (agent/sensors/fanotify_fuse.py): on the console (the journal), and in status."""
-    print(f"execguard: FUSE filesystem {name} cut off (its connection aborted): {why}; "
-          "every exec waiting on it was denied", file=sys.stderr, flush=True)
 
 
 class FanotifyRunner:
@@ -154,7 +147,7 @@ class FanotifyRunner:
             ignore_marks=self._per_file and self.IGNORE_MARKS, share_answers=self._per_file,
             overload_allow=snapshot.mode is Mode.MONITOR,
             on_write_open=self._forget, on_guard_lost=self._forget_all,
-            on_fuse_cut=_fuse_cut)
+            on_fuse_cut=say_cut)
 
     def _remark(self, snapshot: PolicySnapshot) -> None:
         """Other scopes: a new group marks the new filesystems (and holds no ignore mark)

@@ -20,6 +20,7 @@ from agent.decision import FileIdentity
 from agent.policy import PolicySnapshot
 from agent.scope import FsClass, MountWatcher, ScopeTracker, ScopeView
 from agent.sensors.bpf_lsm import Guards
+from agent.sensors.fanotify_fuse import FuseBreaker, limit_for, say_cut
 
 # Where distributions keep their dynamic loaders (glibc, musl); each inode counts once.
 LOADER_GLOBS = ("/lib64/ld-linux*.so*", "/lib/ld-linux*.so*", "/lib/*/ld-linux*.so*",
@@ -76,6 +77,10 @@ class KernelScope:
             ("refreshes", "filesystems_added", "filesystems_dropped", "verdicts_purged",
              "errors"), 0)
         self.loaders: FrozenSet[Tuple[int, int]] = frozenset()
+        # FUSE filesystems in scope: dev -> name, kept after an unmount (a file of it may
+        # still be open, and waited on) until the breaker sees its connection gone
+        self._fuse: Dict[int, str] = {}
+        self._breaker: Optional[FuseBreaker] = None
 
     @property
     def view(self) -> ScopeView:
@@ -94,9 +99,30 @@ class KernelScope:
         self._watcher = MountWatcher(self._on_mounts)
         self._watcher.start()
 
+    def start_fuse_breaker(self, loop_silent: Callable[[], float], deadline_s: float) -> None:
+        """The runner's poll thread opens and reads the files it verifies; on a FUSE
+        filesystem each is a request to the filesystem's daemon, and one that never answers
+        would hold the thread (past any SIGKILL: fs/fuse/dev.c) until the service watchdog
+        gave up on the agent, and every new signed file in scope would stay unverified. The
+        breaker aborts such a filesystem's connection first (agent/sensors/fanotify_fuse.py,
+        the rules fanotify-exec uses; ``loop_silent``: seconds since the poll thread beat)."""
+        self._breaker = FuseBreaker(limit_for(deadline_s), self.fuse_in_scope, loop_silent,
+                                    lambda: (), on_cut=say_cut, forget=self.forget_fuse)
+        self._breaker.start()
+
+    def fuse_in_scope(self) -> Dict[int, str]:
+        """dev -> name of the FUSE filesystems in scope, seen since they went (memory only,
+        no lock: the breaker reads it while other threads may be stuck)."""
+        return dict(self._fuse)
+
+    def forget_fuse(self, dev: int) -> None:
+        self._fuse.pop(dev, None)
+
     def stop(self) -> None:
         if self._watcher is not None:
             self._watcher.stop()
+        if self._breaker is not None:
+            self._breaker.stop()
 
     def alive(self) -> Optional[str]:
         if self._watcher is not None and not self._watcher.alive():
@@ -170,6 +196,10 @@ class KernelScope:
                 self.n["filesystems_dropped"] += 1
                 self.n["verdicts_purged"] += int(sensor.clear_verdicts(dev))
             sensor.set_scope_dirs(self._tracker.kernel_dirs)
+            for m in self._tracker.mounts():
+                if m.fstype.startswith("fuse") and new.class_of(m.dev) is not FsClass.OUT:
+                    self._fuse[m.dev] = f"{os.major(m.dev)}:{os.minor(m.dev)} {m.fstype} at " \
+                                        f"{m.point}"
             enforce, deny_unknown = sensor.mode
             sensor.set_mode(enforce=enforce, deny_unknown=deny_unknown,
                             guards=guards_for(self._snapshot, new,
@@ -184,5 +214,7 @@ class KernelScope:
         out.update(filesystems=counts, scope_dirs=len(self._tracker.kernel_dirs),
                    partial=view.partial, loaders=len(self.loaders),
                    guards=self.guards().__dict__, notes=list(view.notes))
+        if self._breaker is not None:
+            out.update(self._breaker.stats())
         return out
 

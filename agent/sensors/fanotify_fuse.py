@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -174,6 +175,13 @@ def admin_access(param: str = ADMIN_ACCESS) -> Iterator[None]:
             if _admin_users == 0 and _admin_before != "Y":
                 with open(param, "w") as fh:
                     fh.write(_admin_before or "N")
+
+
+def say_cut(name: str, why: str) -> None:
+    """A FUSE filesystem in scope stopped answering the agent and was aborted: on the
+    console (the journal), and in status (``FuseBreaker.stats``)."""
+    print(f"execguard: FUSE filesystem {name} cut off (its connection aborted): {why}; "
+          "every exec waiting on it was denied", file=sys.stderr, flush=True)
 
 
 class FuseBreaker:

@@ -277,3 +277,43 @@ def test_a_users_fuse_mount_in_scope_is_marked_and_its_execs_denied_unread(
             assert "FUSE filesystem of user 65534" in records[0]["detail"], records
             assert agent.status()["sensor"]["fuse_aborted"] == 0
         assert param.read_text().strip() == before  # raised for the mark call only
+
+
+def test_a_fuse_file_that_never_answers_the_kill_agent_is_cut_off(
+        tmp_path: Path, material: Material) -> None:
+    """kill: the kernel kills the exec of a file it has no verdict for at once; the agent's
+    poll thread then opens and reads the file to verify it. On a FUSE filesystem whose
+    daemon never answers the agent, that thread waited for ever (past any SIGKILL): every
+    new signed file in scope stayed unverified, killed at each exec, and the service
+    watchdog would have given up on the agent. The kernel scope's breaker aborts such a
+    filesystem first (agent/backends/kernel_scope.py)."""
+    app = material.bins["app"]
+    with scoped_tmpfs() as scope:
+        payload = scope / "payload"
+        shutil.copy2(app.path, payload)
+        policy = enforce_policy(tmp_path / "policy.toml", scope, material.keys["a"],
+                                DEADLINE_MS)
+        with running_agent(tmp_path, "--policy", str(policy), "--backend", "kill",
+                           "--audit", "off", ready_timeout=120, **as_the_unit()) as agent:
+            wait_for(lambda: bool(agent.status()["prewarm"]["scan_done"]), timeout=60)
+            with stalling_fuse(scope / "fuse", payload, agent.proc.pid) as prog:
+                time.sleep(1)  # the mount watcher notes the new filesystem in milliseconds
+                attack = subprocess.run(["/bin/sh", "-c", 'exec "$0"', str(prog)],
+                                        capture_output=True, text=True, timeout=60)
+                assert attack.returncode != 0, "the FUSE file ran"
+
+                def scope_stats() -> Dict[str, Any]:
+                    return dict(agent.status()["sensor"]["scope"])
+
+                wait_for(lambda: scope_stats()["fuse_aborted"] >= 1, timeout=15)
+                assert str(scope / "fuse") in scope_stats()["fuse_last_aborted"]
+                # the poll thread is free: a new signed file is verified (its first exec,
+                # unknown to the kernel, is killed) and runs
+                fresh = copy_signed(app, scope / "fresh", material.private["a"])
+                deadline = time.monotonic() + 30
+                while exec_file(fresh).returncode != 0:
+                    assert time.monotonic() < deadline, "the new signed file never ran"
+                    time.sleep(0.5)
+                time.sleep(4)  # past the service watchdog's window
+                assert agent.proc.poll() is None, "the agent died"
+                assert agent.status()["state"] == "ready"
