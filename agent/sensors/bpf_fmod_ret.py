@@ -10,9 +10,7 @@ path taken at its FMODE_EXEC open (``bpf_d_path`` is not allowed in security_bpr
 
 from __future__ import annotations
 
-import contextlib
-import os
-from typing import Any, Dict, List
+from typing import Dict
 
 from agent.sensors.bpf_lsm import BpfLsmSensor, verdict_offsets
 from agent.sensors.kernel_layout import Btf
@@ -42,31 +40,6 @@ class BpfFmodRetSensor(BpfLsmSensor):
     refused_hint = ("this kernel does not let fmod_ret programs load or attach (no BPF "
                     "trampolines, or a hardened kernel); run execguard doctor")
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._links: List[int] = []
-        self._link_names: List[str] = []
-        super().__init__(*args, **kwargs)
-
-    def _attach(self, bcc: Any) -> None:
-        # BCC autoloads the fentry (kfunc__) hooks; its constructor leaves kmod_ret__ alone,
-        # and BCC < 0.35 has no attach_fmod_ret(): load each as tracing, attach by its fd.
-        for hook in HOOKS:
-            fn = self._bpf.load_func(hook, bcc.BPF.TRACING)
-            link = int(bcc.lib.bpf_attach_kfunc(fn.fd))
-            if link < 0:
-                raise RuntimeError(f"Failed to attach fmod_ret program {hook.decode()} "
-                                   f"({os.strerror(-link) if link < -1 else 'refused'})")
-            self._links.append(link)
-            self._link_names.append(hook.decode())
-
-    def link_fds(self) -> Dict[str, int]:
-        """The fentry links BCC holds and the fmod_ret links this class made."""
-        out = super().link_fds()
-        out.update(zip(self._link_names, self._links))
-        return out
-
-    def _detach(self) -> None:
-        links, self._links, self._link_names = getattr(self, "_links", []), [], []
-        for link in links:  # the verdict hook first: nothing is denied once it is gone
-            with contextlib.suppress(OSError):
-                os.close(link)
+    # BCC attaches the fentry (kfunc__) hooks itself and leaves kmod_ret__ alone (BCC < 0.35
+    # has no attach_fmod_ret()): the loader loads each as tracing and attaches it by its fd
+    tracing_hooks = HOOKS

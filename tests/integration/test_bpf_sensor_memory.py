@@ -1,7 +1,9 @@
-"""A BCC sensor gives the compiler's memory back once its program is loaded (issue 10,
-point 4): the real kill sensor (BCC, LLVM, this host's kernel) is loaded in a fresh
-process, which then reports how much of the compiler libraries is still resident. Before
-the release, the compile left ~75 MB of them in memory and the process at ~175 MB."""
+"""A BCC sensor is compiled and loaded by a loader process that exits (issue 10, point 4):
+the agent holds only descriptors. A real kill sensor (BCC, LLVM, this host's kernel) is
+opened in a fresh process, which then reports what it maps and how much it holds: no part
+of libbcc, LLVM or clang is mapped, and it stays near a bare agent's size (it was ~175 MB
+with BCC's compile in the process, docs/performance.md "Memory"), while the program runs:
+its counters move and records come through the ring buffer."""
 
 from __future__ import annotations
 
@@ -18,38 +20,28 @@ pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="loading BPF needs ro
               pytest.mark.timeout(300)]
 
 PROBE = """
-import json
-from agent.sensors.bpf.memory import COMPILER_LIBS
+import json, subprocess
 from agent.sensors.bpf_exec import BpfExecSensor
 
-def resident_kb():
-    total, ours = {}, False
-    with open("/proc/self/smaps") as fh:
-        for line in fh:
-            head = line.split()
-            if "-" in head[0] and len(head) >= 5:
-                name = head[5].rsplit("/", 1)[-1] if len(head) > 5 else ""
-                ours = name.startswith(COMPILER_LIBS) and "w" not in head[1]
-            elif ours and head[0] == "Rss:":
-                total["compiler"] = total.get("compiler", 0) + int(head[1])
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                total["process"] = int(line.split()[1])
-    return total
-
 sensor = BpfExecSensor()
-print(json.dumps({"mappings": sensor.released.mappings, "error": sensor.released.error,
-                  **resident_kb()}))
+with open("/proc/self/maps") as fh:
+    libs = sorted({line.split()[-1].rsplit("/", 1)[-1] for line in fh
+                   if any(n in line for n in ("libbcc", "libLLVM", "libclang"))})
+with open("/proc/self/status") as fh:
+    rss = next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
+subprocess.run(["/bin/true"], check=True)
+records = sensor.poll(500)
+print(json.dumps({"libs": libs, "rss_kb": rss, "records": len(records),
+                  "execs": sensor.counters()["execs"]}))
 sensor.close()
 """
 
 
-def test_the_compilers_pages_leave_the_process_after_the_load() -> None:
+def test_the_agent_holds_no_compiler_and_the_program_runs() -> None:
     done = subprocess.run([sys.executable, "-c", PROBE], cwd=str(REPO), capture_output=True,
                           text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     got = json.loads(done.stdout.strip().splitlines()[-1])
-    assert got["mappings"] > 0 and not got["error"], got
-    assert got["compiler"] < 20 * 1024, got  # kB still resident: was ~75 MB
-    assert got["process"] < 100 * 1024, got  # was ~175 MB
+    assert got["libs"] == [], got
+    assert got["rss_kb"] < 60 * 1024, got
+    assert got["execs"] >= 1, got  # the kernel program ran for /bin/true

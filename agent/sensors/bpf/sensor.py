@@ -34,17 +34,16 @@ from agent.sensors.bpf.build import (
     OffsetsFn,
     SensorConfig,
     build_cflags,
-    captured_stderr,
     explain,
     header_warnings,
     program_text,
     realtime_offset,
 )
-from agent.sensors.bpf.memory import release_compiler_memory
+from agent.sensors.bpf.loader import LoadFailed
+from agent.sensors.bpf.loader import load as load_program
 from agent.sensors.decode import ExecRecord, RecordDecoder, st_dev_to_kernel_dev
 from agent.sensors.errors import SensorMapError, SensorUnavailable
 
-BPF_NOEXIST = 1  # <linux/bpf.h>: create a map entry only if it does not exist
 S = TypeVar("S", bound="BpfSensor")
 VERDICT_ALLOW, VERDICT_DENY = 1, 2  # EG_VERDICT_* in events.h
 # EG_LSM_CFG_* in exec_verdict.h (the kill backend's EG_CFG_KILL is the same bit as
@@ -91,6 +90,8 @@ class BpfSensor:
     source: ClassVar[str]
     offsets_fn: OffsetsFn  # a staticmethod in each subclass
     load: ClassVar[str] = LOAD_DIRECT  # how exec_verdict.h reads kernel fields
+    # programs BCC does not attach itself (fmod_ret), loaded as tracing and attached by name
+    tracing_hooks: ClassVar[Tuple[bytes, ...]] = ()
     default_config: ClassVar[SensorConfig] = SensorConfig()
     # the guards before anyone configures the sensor
     initial_guards: ClassVar[Guards] = Guards()
@@ -100,7 +101,7 @@ class BpfSensor:
     def __init__(self, config: Optional[SensorConfig] = None,
                  offsets: Optional[Dict[str, int]] = None) -> None:
         self.config = config if config is not None else self.default_config
-        self._bpf: Any = None
+        self._bpf: Any = None  # agent/sensors/bpf/loader.py Loaded
         self._check_host()
         self.cflags = build_cflags(self.config, self.backend, type(self).offsets_fn,
                                    offsets=offsets, btf_hint=self.btf_hint)
@@ -111,24 +112,17 @@ class BpfSensor:
         self._guards = self.initial_guards
         self._protect_flags = 0  # CFG_PROTECT | CFG_BPF_LOAD while self-protected (bpf-lsm)
         self._decoder = RecordDecoder(realtime_offset(), backend=self.backend)
-        try:
-            import bcc
-        except ImportError as exc:
-            raise SensorUnavailable(self.backend, f"import bcc failed: {exc}",
-                                    "install python3-bpfcc (scripts/setup.sh)") from exc
         self.warnings = header_warnings(self.backend)
-        log: List[str] = []
         try:
-            with captured_stderr() as log:
-                text = program_text(self.source, self.backend, self.load).encode()
-                self._bpf = bcc.BPF(text=text, cflags=self.cflags)  # BCC deprecates str text
-                self._attach(bcc)
-        except SensorUnavailable:
-            self.close()
-            raise
-        except Exception as exc:  # BCC raises bare Exception for compile, load and attach
-            self.close()
-            cause, hint = explain(exc, log)
+            # compiled and loaded in a process of its own: the agent never holds BCC and
+            # LLVM (agent/sensors/bpf/loader.py)
+            text = program_text(self.source, self.backend, self.load).encode()
+            self._bpf = load_program(text, self.cflags, list(self.tracing_hooks))
+        except LoadFailed as exc:
+            if exc.kind == "import":
+                raise SensorUnavailable(self.backend, str(exc),
+                                        "install python3-bpfcc (scripts/setup.sh)") from exc
+            cause, hint = explain(exc, exc.log)
             if self.refused_hint and os.geteuid() == 0 and (
                     "privileges" in cause or "not permitted" in cause):
                 cause = (f"the kernel refused the {self.backend} program although we run as "
@@ -136,7 +130,7 @@ class BpfSensor:
                 hint = self.refused_hint
             raise SensorUnavailable(self.backend, cause, hint) from exc
         try:
-            self._bpf[b"events"].open_ring_buffer(self._on_ring)
+            self._bpf.open_ring_buffer(b"events", self._on_ring)
             self._verdicts = self._bpf[b"verdicts"]
             self._classes = self._bpf[b"sb_class"]
             self._scope_dirs = self._bpf[b"scope_dirs"]
@@ -150,8 +144,6 @@ class BpfSensor:
         except Exception as exc:
             self.close()
             raise SensorUnavailable(self.backend, f"ring buffer or maps: {exc}") from exc
-        # the compiler is done: its memory goes back (agent/sensors/bpf/memory.py)
-        self.released = release_compiler_memory()
 
     # -- per backend -------------------------------------------------------------------------
 
@@ -161,13 +153,6 @@ class BpfSensor:
     def _extra_cflags(self) -> List[str]:
         """Switches of this program for this host (after the knobs and offsets)."""
         return []
-
-    def _attach(self, bcc: Any) -> None:
-        """Attach what BCC's constructor does not (it attaches LSM_PROBE, KFUNC_PROBE,
-        TRACEPOINT_PROBE and RAW_TRACEPOINT_PROBE programs itself)."""
-
-    def _detach(self) -> None:
-        """Undo ``_attach`` (before BCC's cleanup closes the programs)."""
 
     def _open_maps(self) -> None:
         """The subclass's own maps, after the shared ones."""
@@ -182,8 +167,7 @@ class BpfSensor:
         bpf = getattr(self, "_bpf", None)
         if bpf is not None:
             self._bpf = None
-            self._detach()
-            bpf.cleanup()
+            bpf.close()
 
     def __enter__(self: S) -> S:
         return self
@@ -193,15 +177,13 @@ class BpfSensor:
 
     # -- records -----------------------------------------------------------------------------
 
-    def _on_ring(self, _ctx: Any, data: Any, size: int) -> int:
+    def _on_ring(self, raw: bytes) -> None:
         try:
-            raw = ctypes.string_at(data, size)
             rec = self._decoder.decode(raw)
             if rec is not None:
                 self._records.append(self._wrap(raw, rec))
-        except Exception:  # the decoder counts bad records; this guards the C callback
+        except Exception:  # the decoder counts bad records; one never stops the drain
             self._decoder.stats.short += 1
-        return 0
 
     def poll(self, timeout_ms: int) -> List[Any]:
         """Wait up to ``timeout_ms`` for a wake-up, then drain every record (cache hits are
@@ -248,11 +230,7 @@ class BpfSensor:
                                    epoch=self.epoch(), mtime_ns=identity.mtime_ns, flags=0)
         key = self._key(identity)
         with self._map_op("insert_verdict"):
-            import bcc  # loaded already: the sensor exists
-
-            rc = bcc.lib.bpf_update_elem(self._verdicts.map_fd, ctypes.byref(key),
-                                         ctypes.byref(leaf), BPF_NOEXIST)
-        return bool(rc == 0)
+            return bool(self._verdicts.insert(key, leaf))
 
     def verdict(self, identity: FileIdentity) -> Optional[bool]:
         """The map's verdict for this exact version: True/False, None when absent or stale."""
@@ -343,27 +321,11 @@ class BpfSensor:
 
     def link_fds(self) -> Dict[str, int]:
         """The BPF link of every attached program, by program name (for pinning)."""
-        out: Dict[str, int] = {}
-        for table in ("lsm_fds", "kfunc_entry_fds", "kfunc_exit_fds"):
-            for name, fd in getattr(self._bpf, table, {}).items():
-                out[name.decode() if isinstance(name, bytes) else str(name)] = int(fd)
-        return out
+        return dict(self._bpf.links)
 
     def object_fds(self) -> Tuple[List[int], List[int]]:
         """(map fds, program fds) of this program: what self-protection names by id."""
-        import bcc  # loaded already: the sensor exists
-
-        module = self._bpf.module
-        # libbcc.py declares neither: a char * returned as int would be cut to 32 bits
-        bcc.lib.bpf_num_tables.restype = ctypes.c_size_t
-        bcc.lib.bpf_num_tables.argtypes = [ctypes.c_void_p]
-        bcc.lib.bpf_table_name.restype = ctypes.c_char_p
-        bcc.lib.bpf_table_name.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        maps = []
-        for i in range(int(bcc.lib.bpf_num_tables(module))):
-            name = bcc.lib.bpf_table_name(module, i)
-            maps.append(int(bcc.lib.bpf_table_fd(module, name)))
-        return maps, [int(fn.fd) for fn in self._bpf.funcs.values()]
+        return list(self._bpf.maps.values()), list(self._bpf.progs.values())
 
     def set_fresh_after(self, realtime_ns: int) -> None:
         """A file whose ctime is at or after this (CLOCK_REALTIME) changed since the agent
@@ -434,4 +396,4 @@ class BpfSensor:
         if self._bpf is None:
             return dict.fromkeys(names, 0)
         t = self._bpf[table]
-        return {n: int(t.sum(ctypes.c_int(i)).value) for i, n in enumerate(names)}
+        return {n: t.sum(i) for i, n in enumerate(names)}
