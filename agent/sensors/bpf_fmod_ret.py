@@ -17,7 +17,7 @@ from agent.sensors.kernel_layout import Btf
 
 BACKEND = "fmod-ret"
 SOURCE = "exec_fmod_ret.c"
-# The BPF_MODIFY_RETURN programs of exec_fmod_ret.c, attached by hand (see _attach).
+# The BPF_MODIFY_RETURN programs of exec_fmod_ret.c, attached by name (``tracing_hooks``).
 HOOKS = tuple(b"kmod_ret__security_" + name for name in (
     b"bprm_check", b"mmap_file", b"file_mprotect", b"sb_mount", b"move_mount",
     b"ptrace_access_check"))

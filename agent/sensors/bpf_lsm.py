@@ -187,8 +187,8 @@ class BpfLsmSensor(BpfSensor):
     """Loaded and attached on construction (mode: allow everything); ``close()`` detaches,
     and the kernel then denies nothing (fail-open, decision 6). Maps, scope, modes and the
     ring are the shared base's (agent/sensors/bpf/sensor.py); subclasses change the program
-    (``source``), its name (``backend``), the offsets it needs and how its verdict hook
-    attaches (``_attach``)."""
+    (``source``), its name (``backend``), the offsets it needs and the hooks the loader
+    attaches by name (``tracing_hooks``)."""
 
     backend = BACKEND
     source = SOURCE

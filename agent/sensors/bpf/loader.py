@@ -25,6 +25,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -92,45 +93,55 @@ class Loaded:
 
 def load(text: bytes, cflags: List[str], tracing: List[bytes]) -> Loaded:
     """Compile, load and attach in a loader process; raise LoadFailed with its log."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    request = json.dumps({"text": text.decode(), "cflags": cflags,
-                          "tracing": [t.decode() for t in tracing],
-                          "sock": theirs.fileno()}).encode()
-    env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__)))))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    try:
-        proc = subprocess.Popen([sys.executable, "-m", "agent.sensors.bpf.loader"],
-                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, pass_fds=[theirs.fileno()], env=env)
-    finally:
-        theirs.close()
-    try:
-        assert proc.stdin is not None and proc.stderr is not None
-        proc.stdin.write(request)
-        proc.stdin.close()
-        ours.settimeout(LOAD_TIMEOUT_S)
-        data, fds = _receive(ours)
-        err = proc.stderr.read().decode("utf-8", "replace")
-        proc.wait(LOAD_TIMEOUT_S)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        proc.kill()
-        proc.wait()
-        raise LoadFailed(f"the BPF loader process: {exc}", []) from exc
-    finally:
-        ours.close()
+    request = {"text": text.decode(), "cflags": cflags, "tracing": [t.decode() for t in tracing]}
+    # a file, not a pipe, for its output: the loader never blocks on it
+    with tempfile.TemporaryFile() as output:
+        data, fds, code = _run_loader(request, output)
+        output.seek(0)
+        said = output.read()[-8000:].decode("utf-8", "replace").splitlines()[-20:]
     try:
         manifest = json.loads(data) if data else {"error": "the BPF loader process sent "
-                                                  f"nothing (exit {proc.returncode})"}
+                                                  f"nothing (exit {code})"}
     except ValueError:
         manifest = {"error": "the BPF loader process sent a broken manifest"}
     if "error" in manifest:
         for fd in fds:
             os.close(fd)
-        log = list(manifest.get("log", [])) + err.splitlines()[-20:]
-        raise LoadFailed(str(manifest["error"]), log, str(manifest.get("kind", "load")))
+        raise LoadFailed(str(manifest["error"]), list(manifest.get("log", [])) + said,
+                         str(manifest.get("kind", "load")))
     return _loaded(manifest, fds)
+
+
+def _run_loader(request: Dict[str, Any], output: Any) -> Tuple[bytes, List[int], Optional[int]]:
+    """Start the loader, hand it ``request`` and a socket, and receive its one message."""
+    # SOCK_SEQPACKET: the manifest and its descriptors arrive whole, in one message
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock = theirs.fileno()  # the loader's number for it (inherited as is)
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    try:
+        with ours:
+            try:
+                proc = subprocess.Popen([sys.executable, "-m", "agent.sensors.bpf.loader"],
+                                        stdin=subprocess.PIPE, stdout=output, stderr=output,
+                                        pass_fds=[sock], env=env)
+            finally:
+                theirs.close()
+            try:
+                assert proc.stdin is not None
+                proc.stdin.write(json.dumps({**request, "sock": sock}).encode())
+                proc.stdin.close()
+                ours.settimeout(LOAD_TIMEOUT_S)
+                data, fds = _receive(ours)
+                return data, fds, proc.wait(LOAD_TIMEOUT_S)
+            except (OSError, subprocess.TimeoutExpired):
+                proc.kill()
+                proc.wait()
+                raise
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise LoadFailed(f"the BPF loader process: {exc}", []) from exc
 
 
 def _receive(sock: socket.socket) -> Tuple[bytes, List[int]]:

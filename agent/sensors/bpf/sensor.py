@@ -4,8 +4,10 @@ Every program shares exec_verdict.h's maps: the verdict map, the filesystem clas
 scope directories (``KernelScope`` writes them, agent/backends/kernel_scope.py), the dynamic
 loaders, the exempt agent, the run-time state and the knobs. A subclass names its program
 (``source``), how its fields are read (``load``), the offsets it needs (``offsets_fn``), how
-its hooks attach (``_attach``/``_detach``), what a record becomes (``_wrap``) and what its
-counters mean (``stats``). Nothing else is per backend, so a new map or knob lives here.
+the hooks BCC does not attach itself (``tracing_hooks``), what a record becomes
+(``_wrap``) and what its counters mean (``stats``). Nothing else is per backend, so a new
+map or knob lives here. The program is compiled and loaded in a loader process
+(agent/sensors/bpf/loader.py): this process holds descriptors, never BCC.
 """
 
 from __future__ import annotations
