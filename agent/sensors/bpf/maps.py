@@ -36,12 +36,12 @@ class BpfCallError(OSError):
     """A bpf(2) command failed (errno and the command in the message)."""
 
 
-class _ElemAttr(ctypes.Structure):
+class ElemAttr(ctypes.Structure):
     _fields_ = [("map_fd", ctypes.c_uint32), ("_pad", ctypes.c_uint32),
                 ("key", ctypes.c_uint64), ("value", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
 
 
-class _InfoAttr(ctypes.Structure):
+class InfoAttr(ctypes.Structure):
     _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32),
                 ("info", ctypes.c_uint64)]
 
@@ -63,7 +63,7 @@ def bpf(cmd: int, attr: ctypes.Structure) -> int:
 
 def map_info(fd: int) -> _MapInfo:
     info = _MapInfo()
-    bpf(OBJ_GET_INFO_BY_FD, _InfoAttr(fd, ctypes.sizeof(info), ctypes.addressof(info)))
+    bpf(OBJ_GET_INFO_BY_FD, InfoAttr(fd, ctypes.sizeof(info), ctypes.addressof(info)))
     return info
 
 
@@ -148,7 +148,7 @@ class Map:
     def _elem(self, cmd: int, key: Any, value: Any = None, flags: int = 0) -> None:
         k = self._key(key)
         vaddr = ctypes.addressof(value) if value is not None else 0
-        bpf(cmd, _ElemAttr(self.map_fd, 0, ctypes.addressof(k), vaddr, flags))
+        bpf(cmd, ElemAttr(self.map_fd, 0, ctypes.addressof(k), vaddr, flags))
 
     def __getitem__(self, key: Any) -> Any:
         if self._cpus > 1:
@@ -187,7 +187,7 @@ class Map:
         prev: Optional[Any] = None
         while True:
             nxt = self.Key()
-            attr = _ElemAttr(self.map_fd, 0, ctypes.addressof(prev) if prev is not None else 0,
+            attr = ElemAttr(self.map_fd, 0, ctypes.addressof(prev) if prev is not None else 0,
                              ctypes.addressof(nxt), 0)
             try:
                 bpf(GET_NEXT_KEY, attr)

@@ -24,21 +24,26 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
 
+from agent.sensors.bpf.maps import (
+    LOOKUP,
+    OBJ_GET_INFO_BY_FD,
+    BpfCallError,
+    ElemAttr,
+    InfoAttr,
+    bpf,
+    possible_cpus,
+)
+
 BPFFS = "/sys/fs/bpf"
 PIN_ROOT = f"{BPFFS}/execguard"
 BPF_FS_MAGIC = 0xCAFE4A11
-_NR_BPF = 321  # x86_64
-_BPF_MAP_LOOKUP_ELEM, _BPF_OBJ_PIN, _BPF_OBJ_GET, _BPF_OBJ_GET_INFO_BY_FD = 1, 6, 7, 15
+_BPF_OBJ_PIN, _BPF_OBJ_GET = 6, 7
 _BPF_F_RDONLY = 1 << 3
 # EG_GUARD_* in exec_verdict.h
 GUARD_DIR, GUARD_PIN, GUARD_FILE, GUARD_RO, GUARD_ABOVE = 1, 2, 4, 8, 16
 STATS_PIN = "map_stats"
 # bpffs refuses names with a dot (it keeps them for itself): underscores separate
 _DIR_NAME = re.compile(r"(?P<backend>[a-z-]+)_(?P<pid>[0-9]+)_(?P<start>[0-9]+)\Z")
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-
 
 class PinError(OSError):
     """A pin could not be made, read or removed."""
@@ -49,25 +54,19 @@ class _PinAttr(ctypes.Structure):
                 ("file_flags", ctypes.c_uint32)]
 
 
-class _InfoAttr(ctypes.Structure):
-    _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32),
-                ("info", ctypes.c_uint64)]
-
-
 def _bpf(cmd: int, attr: ctypes.Structure) -> int:
-    rc = int(_libc.syscall(_NR_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr)))
-    if rc < 0:
-        err = ctypes.get_errno()
-        raise PinError(err, f"bpf({cmd}): {os.strerror(err)}")
-    return rc
+    try:
+        return bpf(cmd, attr)
+    except BpfCallError as exc:
+        raise PinError(exc.errno, str(exc)) from None
 
 
 def obj_id(fd: int) -> int:
     """The id of the map, program or link behind ``fd`` (each info struct starts with
     ``__u32 type; __u32 id``)."""
     info = (ctypes.c_uint32 * 2)()
-    attr = _InfoAttr(fd, ctypes.sizeof(info), ctypes.addressof(info))
-    _bpf(_BPF_OBJ_GET_INFO_BY_FD, attr)
+    attr = InfoAttr(fd, ctypes.sizeof(info), ctypes.addressof(info))
+    _bpf(OBJ_GET_INFO_BY_FD, attr)
     return int(info[1])
 
 
@@ -83,24 +82,12 @@ def obj_get_readonly(path: str) -> int:
     return _bpf(_BPF_OBJ_GET, _PinAttr(ctypes.addressof(name), 0, _BPF_F_RDONLY))
 
 
-class _LookupAttr(ctypes.Structure):
-    _fields_ = [("map_fd", ctypes.c_uint32), ("_pad", ctypes.c_uint32),
-                ("key", ctypes.c_uint64), ("value", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
-
-
-def possible_cpus() -> int:
-    with open("/sys/devices/system/cpu/possible", encoding="ascii") as f:
-        text = f.read().strip()
-    return max(int(part.split("-")[-1]) for part in text.split(",")) + 1
-
-
 def percpu_sum(fd: int, index: int) -> int:
     """One u64 slot of a per-CPU array, summed over the possible CPUs."""
     cpus = possible_cpus()
     key = ctypes.c_uint32(index)
     values = (ctypes.c_uint64 * cpus)()
-    _bpf(_BPF_MAP_LOOKUP_ELEM, _LookupAttr(fd, 0, ctypes.addressof(key),
-                                           ctypes.addressof(values), 0))
+    _bpf(LOOKUP, ElemAttr(fd, 0, ctypes.addressof(key), ctypes.addressof(values), 0))
     return int(sum(values))
 
 
