@@ -333,7 +333,9 @@ class Agent:
         # control socket (outside the state directory by default): unlinked or chmod'ed, no
         # authorized stop could reach the agent
         tamper.EXTRA_GUARDED[:] = [self.opts.breakglass_keys or DEFAULT_KEYS_DIR,
-                                   self.socket_path]
+                                   self.socket_path,
+                                   # they sign bundles and, M-of-N, a stop
+                                   self.opts.policy_keys]
         # a backend the operator named is a contract: that one or a failed start (exit 2),
         # never a quiet downgrade; auto walks down the preference order instead
         runner, result = start_backend(first, self.decider, self.record, skipped,

@@ -99,16 +99,35 @@ class KernelScope:
         self._watcher = MountWatcher(self._on_mounts)
         self._watcher.start()
 
-    def start_fuse_breaker(self, loop_silent: Callable[[], float], deadline_s: float) -> None:
+    def start_fuse_breaker(self, deadline_s: float) -> None:
         """The runner's poll thread opens and reads the files it verifies; on a FUSE
         filesystem each is a request to the filesystem's daemon, and one that never answers
         would hold the thread (past any SIGKILL: fs/fuse/dev.c) until the service watchdog
         gave up on the agent, and every new signed file in scope would stay unverified. The
         breaker aborts such a filesystem's connection first (agent/sensors/fanotify_fuse.py,
-        the rules fanotify-exec uses; ``loop_silent``: seconds since the poll thread beat)."""
-        self._breaker = FuseBreaker(limit_for(deadline_s), self.fuse_in_scope, loop_silent,
+        the rules fanotify-exec uses). Only an agent thread waiting inside FUSE without
+        running counts (the poll thread verifies inline, so its silence alone may be a long
+        hash, not a stalled filesystem)."""
+        self._breaker = FuseBreaker(limit_for(deadline_s), self.fuse_in_scope, lambda: 0.0,
                                     lambda: (), on_cut=say_cut, forget=self.forget_fuse)
         self._breaker.start()
+
+    def watch(self, dev: int) -> None:
+        """The agent is about to open a file of filesystem ``dev`` (a record's): a FUSE
+        filesystem goes on the breaker's list first, also when the agent's mount table
+        does not show it (another mount namespace: /proc/PID/exe, map_files) or shows it
+        out of scope (a script's interpreter input). FUSE filesystems have anonymous device
+        numbers (major 0) or, fuseblk, a block device's, which the mount table names."""
+        if self._breaker is None or dev in self._fuse:
+            return
+        for m in self._tracker.mounts():
+            if m.dev == dev:
+                if m.fstype.startswith("fuse"):
+                    self._fuse[dev] = f"{os.major(dev)}:{os.minor(dev)} {m.fstype} at {m.point}"
+                return
+        if os.major(dev) == 0 and self._breaker.is_connection(dev):
+            self._fuse[dev] = f"{os.major(dev)}:{os.minor(dev)} fuse (not in the agent's " \
+                              "mount table)"
 
     def fuse_in_scope(self) -> Dict[int, str]:
         """dev -> name of the FUSE filesystems in scope, seen since they went (memory only,

@@ -190,7 +190,6 @@ class LsmRunner(KernelRecords):
         self._scope = KernelScope(sensor, self.decider.store.current.snapshot)
         self._scope.start()
         self._scope.start_fuse_breaker(
-            self.heartbeat.silent_for,
             self.decider.store.current.snapshot.limits.decision_deadline_ms / 1000)
         sensor.exempt(os.getpid())  # after the self-test, whose canary must not be exempt
         enforce = self.enforcing()

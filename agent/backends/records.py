@@ -99,6 +99,8 @@ class KernelRecords:
         """One kernel record: an exec, a mapping, or a refused mount or ptrace."""
         from agent.sensors.decode import Op
 
+        if self._scope is not None:  # a FUSE file it opens is on the breaker's list first
+            self._scope.watch(rec.event.identity.dev)
         if rec.op in (Op.MOUNT, Op.PTRACE):
             self._record_guard(rec, stopped)
         elif rec.op is Op.TAMPER:

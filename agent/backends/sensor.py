@@ -117,8 +117,7 @@ class SensorRunner(KernelRecords):
         # every filesystem the agent sees gets its class before anything is enforced
         self._scope = KernelScope(sensor, snapshot)
         self._scope.start()
-        self._scope.start_fuse_breaker(self.heartbeat.silent_for,
-                                       snapshot.limits.decision_deadline_ms / 1000)
+        self._scope.start_fuse_breaker(snapshot.limits.decision_deadline_ms / 1000)
         sensor.exempt(os.getpid())  # after the self-test, whose canary must not be exempt
         self._arm(snapshot)
         self._thread = threading.Thread(target=self._loop, name=f"{self.name}-poll", daemon=True)

@@ -113,6 +113,8 @@ def verdict_offsets(btf: Btf, blob: bytes, setattr_func: str) -> Dict[str, int]:
     out["EG_OFF_FILE_PATH"] = btf.require("file", "f_path", 16).offset
     out["EG_OFF_FILE_MODE"] = btf.require("file", "f_mode", 4).offset
     out["EG_OFF_FILE_FLAGS"] = btf.require("file", "f_flags", 4).offset
+    # an overlay file's open real file (exec_verdict.h eg_layer_state)
+    out["EG_OFF_FILE_PRIVATE_DATA"] = btf.require("file", "private_data", 8).offset
     out["EG_OFF_PATH_DENTRY"] = btf.require("path", "dentry", 8).offset
     out["EG_OFF_DENTRY_INODE"] = btf.require("dentry", "d_inode", 8).offset
     # where a file is: its directory ancestors within the filesystem, and the fs root

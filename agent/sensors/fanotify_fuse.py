@@ -220,6 +220,10 @@ class FuseBreaker:
         if self._thread is not None:
             self._thread.join(2)
 
+    def is_connection(self, dev: int) -> bool:
+        """``dev`` is a live FUSE connection (fusectl lists it)."""
+        return self._conns.waiting(dev) is not None
+
     def stats(self) -> Dict[str, object]:
         return {"fuse_aborted": self.aborted, "fuse_abort_errors": self.errors,
                 "fuse_last_aborted": self.last, "fuse_control": self._conns.root or

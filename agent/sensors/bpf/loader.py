@@ -3,7 +3,7 @@
 
 BCC compiles with the LLVM and clang that libbcc links: a process that does it grows by
 ~140 MB, and keeps most of it (docs/performance.md, "Memory"). So the agent never imports
-BCC. ``load`` starts ``python -m agent.sensors.bpf.loader``, which compiles and loads the
+BCC. ``load`` starts a loader process (``child_main``), which compiles and loads the
 program, attaches it (BCC attaches LSM, fentry, tracepoint and raw tracepoint programs
 itself; fmod_ret programs by name, ``tracing``), and sends every map, program and attach
 descriptor back over a socket (SCM_RIGHTS) with a manifest naming each, then exits without
@@ -93,46 +93,60 @@ class Loaded:
 
 def load(text: bytes, cflags: List[str], tracing: List[bytes]) -> Loaded:
     """Compile, load and attach in a loader process; raise LoadFailed with its log."""
-    request = {"text": text.decode(), "cflags": cflags, "tracing": [t.decode() for t in tracing]}
-    # a file, not a pipe, for its output: the loader never blocks on it
-    with tempfile.TemporaryFile() as output:
-        data, fds, code = _run_loader(request, output)
+    request = json.dumps({"text": text.decode(), "cflags": cflags,
+                          "tracing": [t.decode() for t in tracing]}).encode()
+    # files, not pipes: neither side ever blocks on the other
+    with tempfile.TemporaryFile() as asked, tempfile.TemporaryFile() as output:
+        asked.write(request)
+        asked.seek(0)
+        data, fds, code = _run_loader(asked, output)
         output.seek(0)
         said = output.read()[-8000:].decode("utf-8", "replace").splitlines()[-20:]
     try:
         manifest = json.loads(data) if data else {"error": "the BPF loader process sent "
                                                   f"nothing (exit {code})"}
-    except ValueError:
-        manifest = {"error": "the BPF loader process sent a broken manifest"}
-    if "error" in manifest:
-        for fd in fds:
+        if "error" in manifest:
+            raise LoadFailed(str(manifest["error"]), list(manifest.get("log", [])) + said,
+                             str(manifest.get("kind", "load")))
+        return _loaded(manifest, fds)
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        _close(fds)
+        raise LoadFailed(f"the BPF loader process sent a broken manifest: {exc!r}",
+                         said) from None
+    except LoadFailed:
+        _close(fds)
+        raise
+
+
+def _close(fds: List[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        raise LoadFailed(str(manifest["error"]), list(manifest.get("log", [])) + said,
-                         str(manifest.get("kind", "load")))
-    return _loaded(manifest, fds)
 
 
-def _run_loader(request: Dict[str, Any], output: Any) -> Tuple[bytes, List[int], Optional[int]]:
-    """Start the loader, hand it ``request`` and a socket, and receive its one message."""
+def _run_loader(asked: Any, output: Any) -> Tuple[bytes, List[int], Optional[int]]:
+    """Start the loader (its request in ``asked``, its output to ``output``) with a socket
+    and receive its one message. Isolated (-I: no PYTHON* variables, no user site, not the
+    working directory) and run from /: no module planted where root happens to stand is
+    imported by a process that loads BPF programs. Its own code comes from the directory
+    this module was imported from."""
     # SOCK_SEQPACKET: the manifest and its descriptors arrive whole, in one message
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sock = theirs.fileno()  # the loader's number for it (inherited as is)
-    env = dict(os.environ)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
         os.path.abspath(__file__)))))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    boot = (f"import sys; sys.path.insert(0, {root!r}); "
+            f"from agent.sensors.bpf.loader import child_main; sys.exit(child_main({sock}))")
+    fds: List[int] = []
     try:
         with ours:
             try:
-                proc = subprocess.Popen([sys.executable, "-m", "agent.sensors.bpf.loader"],
-                                        stdin=subprocess.PIPE, stdout=output, stderr=output,
-                                        pass_fds=[sock], env=env)
+                proc = subprocess.Popen([sys.executable, "-I", "-c", boot], stdin=asked,
+                                        stdout=output, stderr=output, pass_fds=[sock],
+                                        cwd="/")
             finally:
                 theirs.close()
             try:
-                assert proc.stdin is not None
-                proc.stdin.write(json.dumps({**request, "sock": sock}).encode())
-                proc.stdin.close()
                 ours.settimeout(LOAD_TIMEOUT_S)
                 data, fds = _receive(ours)
                 return data, fds, proc.wait(LOAD_TIMEOUT_S)
@@ -141,6 +155,7 @@ def _run_loader(request: Dict[str, Any], output: Any) -> Tuple[bytes, List[int],
                 proc.wait()
                 raise
     except (OSError, subprocess.TimeoutExpired) as exc:
+        _close(fds)
         raise LoadFailed(f"the BPF loader process: {exc}", []) from exc
 
 
@@ -229,9 +244,10 @@ def _compile_and_attach(req: Dict[str, Any]) -> Dict[str, Any]:
     return {"maps": maps, "progs": progs, "links": links, "attach": attach, "fds": fds}
 
 
-def child_main() -> int:
+def child_main(sock_fd: int) -> int:
+    """The loader process: the request on stdin, the answer on socket ``sock_fd``."""
     req = json.loads(sys.stdin.buffer.read())
-    sock = socket.socket(fileno=int(req["sock"]))
+    sock = socket.socket(fileno=sock_fd)
     try:
         out = _compile_and_attach(req)
     except ImportError as exc:
@@ -246,5 +262,3 @@ def child_main() -> int:
     os._exit(0 if "error" not in out else 1)
 
 
-if __name__ == "__main__":
-    sys.exit(child_main())

@@ -22,7 +22,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Type
 
-_NR_BPF = 321  # x86_64
+_NR_BPF = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine, -1)  # -1: ENOSYS
 LOOKUP, UPDATE, DELETE, GET_NEXT_KEY, OBJ_GET_INFO_BY_FD = 1, 2, 3, 4, 15
 BPF_ANY, BPF_NOEXIST = 0, 1
 PERCPU_TYPES = {5, 6, 10}  # BPF_MAP_TYPE_PERCPU_HASH, _PERCPU_ARRAY, _LRU_PERCPU_HASH
@@ -131,9 +131,10 @@ class Map:
             raise ValueError(f"map {name}: the kernel's key/value sizes are {info.key_size}/"
                              f"{info.value_size} bytes, agent/sensors/bpf/maps.py says "
                              f"{ctypes.sizeof(key)}/{ctypes.sizeof(leaf)}")
-        self._cpus = possible_cpus() if self.type in PERCPU_TYPES else 1
-        # a per-CPU value is one slot per possible CPU, each rounded up to 8 bytes
-        self._slot = (ctypes.sizeof(leaf) + 7) // 8 * 8 if self._cpus > 1 else 0
+        self.percpu = self.type in PERCPU_TYPES
+        self._cpus = possible_cpus() if self.percpu else 1
+        # a per-CPU value is one slot per possible CPU (one CPU too), each rounded up to 8
+        self._slot = (ctypes.sizeof(leaf) + 7) // 8 * 8
 
     def _key(self, key: Any) -> Any:
         if isinstance(key, self.Key):
@@ -151,7 +152,7 @@ class Map:
         bpf(cmd, ElemAttr(self.map_fd, 0, ctypes.addressof(k), vaddr, flags))
 
     def __getitem__(self, key: Any) -> Any:
-        if self._cpus > 1:
+        if self.percpu:
             raise TypeError(f"map {self.name} is per-CPU: use sum()")
         out = self.Leaf()
         try:
@@ -217,7 +218,9 @@ class RingBuffer:
     process writes), the producer position and the data (mapped twice back to back, so a
     record across the end reads straight on), 8-byte record headers (length, busy and
     discard bits). Wake-ups come through epoll on the map's descriptor. x86-64 keeps loads
-    in order (TSO), so plain reads are the acquire loads libbpf makes."""
+    in order (TSO), so plain reads are the acquire loads libbpf makes; the agent's BPF
+    backends are built for x86-64 (their offsets and syscall numbers), another
+    architecture fails to load with ENOSYS."""
 
     fd: int
     callback: Callable[[bytes], None]

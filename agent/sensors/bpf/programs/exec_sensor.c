@@ -225,7 +225,7 @@ static __always_inline void eg_kill_map(const void *file, __u8 op, unsigned long
 	if (!eg_place(dentry, inode, &w) || !inode || eg_exempt())
 		return;
 	struct eg_map_look m = {};
-	eg_map_verdict(inode, &w, flags, &m);
+	eg_map_verdict(file, inode, &w, flags, &m);
 	__u64 size = m.size, ctime_ns = m.ctime_ns;
 	__u8 state = m.state, evflags = m.evflags;
 	__u8 action = EG_ACT_NONE;

@@ -167,10 +167,12 @@ BPF_PERCPU_ARRAY(path_scratch, struct eg_parked_path, 1); /* too big for the sta
  * the overlay opened it (eg_note_layer), with both files' stamps of that moment. */
 struct eg_layer {
 	struct eg_file_key real;
+	__u64 real_file;  /* the open real file, as a number: the overlay file that opened it
+			   * holds it (file->private_data) for as long as it is open */
 	__u64 real_ctime_ns;
 	__u64 real_mtime_ns;
 	__u64 real_size;
-	__u64 ctime_ns; /* the overlay inode's own stamp: another file may share its number */
+	__u64 ctime_ns; /* the overlay inode's own stamp */
 	__u64 size;
 	__u32 writers;  /* the real file was open for write */
 	__u32 _pad;
@@ -398,13 +400,17 @@ static __always_inline __u8 eg_state_of(const void *inode, struct eg_file_key *k
 /* ------------------------------------------------------------------------------- layers */
 
 /* overlayfs (5.x to 6.5) opens an overlay file's layer file inside the overlay file's own
- * open, with the overlay's path and the layer's inode (open_with_fake_path): a file whose
- * dentry shows another inode than its own, on an overlay. Only the kernel makes such a
- * file. Its pairing is noted, with both stamps: an exec of the overlay file, or a mapping
- * of it, that has no verdict of its own is then judged by the layer file's verdict (a new
- * container's overlay over a verified layer runs at its first start). 6.6+ opens a
- * "backing file" with the layer's own path instead: nothing is noted there, and an overlay
- * file is judged by its own verdict alone, as before. */
+ * open, with the overlay's path and the layer's inode (open_with_fake_path), and keeps it
+ * as the overlay file's private_data: every read and mapping of the overlay file goes to
+ * it. Such a file (its dentry shows another inode than its own, on an overlay) is made by
+ * the kernel alone. Its pairing is noted, when the layer file has a verdict at all: an
+ * exec of the overlay file, or a mapping of it, that has no verdict of its own is then
+ * judged by the layer file's verdict, if the overlay file being judged holds that very
+ * real file (so two overlay inodes that share a number, a ctime and a size, which a FUSE
+ * layer can report at will, never stand for each other). A new container's overlay over
+ * a verified layer runs at its first start. 6.6+ opens a "backing file" with the layer's
+ * own path instead: nothing is noted there, and an overlay file is judged by its own
+ * verdict alone, as before. */
 static __always_inline void eg_note_layer(const void *file)
 {
 	const void *real = eg_file_inode(file);
@@ -418,6 +424,9 @@ static __always_inline void eg_note_layer(const void *file)
 	struct eg_layer l = {};
 	if (!eg_inode_key(shown, &key) || !eg_inode_key(real, &l.real))
 		return;
+	if (!verdicts.lookup(&l.real))
+		return; /* nothing to judge it by: no pairing (and no LRU churn) */
+	l.real_file = (__u64)file;
 	l.real_ctime_ns = eg_ctime(real);
 	l.real_mtime_ns = eg_mtime(real);
 	l.real_size = EG_LOAD(__u64, real, EG_OFF_INODE_SIZE);
@@ -427,20 +436,25 @@ static __always_inline void eg_note_layer(const void *file)
 	layers.update(&key, &l);
 }
 
-/* The state of an overlay file (key, stamp) from its layer file's verdict: unknown unless
- * the overlay file is the one noted (same stamp), its layer file had no writers then, and
- * that file's verdict holds for the stamp noted. A write to the layer file since dropped
- * its verdict (the open for write, a truncate); a copy-up re-pairs at the next open. Not
- * under path rules: the layer file's verdict was earned at its own path. */
-static __always_inline __u8 eg_layer_state(struct eg_file_key *key, __u64 ctime_ns,
-					   __u64 size, __u32 flags)
+/* The state of the overlay file ``file`` (key, stamp) from its layer file's verdict:
+ * unknown unless ``file`` holds the very real file noted (its private_data), the overlay
+ * inode's stamp is the one noted, the layer file had no writers then, and that file's
+ * verdict holds for the stamp noted. A write to the layer file since dropped its verdict
+ * (the open for write, a truncate); a copy-up opens a new real file. Not under path rules:
+ * the layer file's verdict was earned at its own path. */
+static __always_inline __u8 eg_layer_state(const void *file, struct eg_file_key *key,
+					   __u64 ctime_ns, __u64 size, __u32 flags)
 {
-	if (flags & EG_LSM_CFG_PATHS)
+	if ((flags & EG_LSM_CFG_PATHS) || !file)
 		return EG_STATE_UNKNOWN;
-	struct eg_layer *l = layers.lookup(key);
-	if (!l || l->writers || l->ctime_ns != ctime_ns || l->size != size)
+	struct eg_layer *found = layers.lookup(key);
+	if (!found)
 		return EG_STATE_UNKNOWN;
-	__u8 state = eg_stamp_state(&l->real, l->real_ctime_ns, l->real_mtime_ns, l->real_size);
+	struct eg_layer l = *found; /* an LRU slot may be reused meanwhile: check a copy */
+	if (l.real_file != EG_LOAD(__u64, file, EG_OFF_FILE_PRIVATE_DATA) || l.writers ||
+	    l.ctime_ns != ctime_ns || l.size != size)
+		return EG_STATE_UNKNOWN;
+	__u8 state = eg_stamp_state(&l.real, l.real_ctime_ns, l.real_mtime_ns, l.real_size);
 	return state == EG_STATE_STALE ? EG_STATE_UNKNOWN : state;
 }
 
@@ -657,7 +671,7 @@ static __always_inline int eg_judge_exec(const void *bprm)
 	__u8 state = eg_state_of(inode, &w.key, ctime_ns, size);
 	__u8 action = EG_ACT_NONE;
 	if (in_scope && state != EG_STATE_ALLOW && state != EG_STATE_DENY) {
-		__u8 layer = eg_layer_state(&w.key, ctime_ns, size, flags);
+		__u8 layer = eg_layer_state(file, &w.key, ctime_ns, size, flags);
 		if (layer != EG_STATE_UNKNOWN) {
 			state = layer;
 			action = EG_ACT_LAYER;
@@ -719,8 +733,8 @@ struct eg_map_look {
 	__u8 action; /* EG_ACT_LAYER: the state is the overlay's layer file's */
 };
 
-static __always_inline void eg_map_verdict(const void *inode, struct eg_where *w,
-					   __u32 flags, struct eg_map_look *m)
+static __always_inline void eg_map_verdict(const void *file, const void *inode,
+					   struct eg_where *w, __u32 flags, struct eg_map_look *m)
 {
 	eg_count(EG_LSM_STAT_MAPS);
 	m->size = EG_LOAD(__u64, inode, EG_OFF_INODE_SIZE);
@@ -728,7 +742,7 @@ static __always_inline void eg_map_verdict(const void *inode, struct eg_where *w
 	m->state = eg_state_of(inode, &w->key, m->ctime_ns, m->size);
 	m->action = EG_ACT_NONE;
 	if (m->state != EG_STATE_ALLOW && m->state != EG_STATE_DENY) {
-		__u8 layer = eg_layer_state(&w->key, m->ctime_ns, m->size, flags);
+		__u8 layer = eg_layer_state(file, &w->key, m->ctime_ns, m->size, flags);
 		if (layer != EG_STATE_UNKNOWN) {
 			m->state = layer;
 			m->action = EG_ACT_LAYER;
@@ -768,7 +782,7 @@ static __always_inline int eg_judge_map(const void *file, __u8 op, unsigned long
 	if (!eg_place(eg_file_dentry(file), inode, &w) || !inode || eg_exempt())
 		return 0;
 	struct eg_map_look m = {};
-	eg_map_verdict(inode, &w, flags, &m);
+	eg_map_verdict(file, inode, &w, flags, &m);
 	__u64 size = m.size, ctime_ns = m.ctime_ns;
 	__u8 state = m.state, evflags = m.evflags;
 	int ret = 0;
