@@ -19,8 +19,10 @@ from typing import Any, Callable, Dict, FrozenSet, Optional, Set, Tuple
 from agent.decision import FileIdentity
 from agent.policy import PolicySnapshot
 from agent.scope import FsClass, MountWatcher, ScopeTracker, ScopeView
+from agent.scope.mountinfo import Mount
 from agent.sensors.bpf_lsm import Guards
 from agent.sensors.fanotify_fuse import FuseBreaker, limit_for, say_cut
+from agent.sensors.fanotify_marks import mount_name
 
 # Where distributions keep their dynamic loaders (glibc, musl); each inode counts once.
 LOADER_GLOBS = ("/lib64/ld-linux*.so*", "/lib/ld-linux*.so*", "/lib/*/ld-linux*.so*",
@@ -80,6 +82,7 @@ class KernelScope:
         # FUSE filesystems in scope: dev -> name, kept after an unmount (a file of it may
         # still be open, and waited on) until the breaker sees its connection gone
         self._fuse: Dict[int, str] = {}
+        self._by_dev: Dict[int, Mount] = {}  # dev -> a mount of it, of the last table read
         self._breaker: Optional[FuseBreaker] = None
 
     @property
@@ -120,11 +123,11 @@ class KernelScope:
         numbers (major 0) or, fuseblk, a block device's, which the mount table names."""
         if self._breaker is None or dev in self._fuse:
             return
-        for m in self._tracker.mounts():
-            if m.dev == dev:
-                if m.fstype.startswith("fuse"):
-                    self._fuse[dev] = f"{os.major(dev)}:{os.minor(dev)} {m.fstype} at {m.point}"
-                return
+        m = self._by_dev.get(dev)
+        if m is not None:  # in the table (a FUSE one in scope is on the list already)
+            if m.fstype.startswith("fuse"):
+                self._fuse[dev] = mount_name(m)
+            return
         if os.major(dev) == 0 and self._breaker.is_connection(dev):
             self._fuse[dev] = f"{os.major(dev)}:{os.minor(dev)} fuse (not in the agent's " \
                               "mount table)"
@@ -215,10 +218,11 @@ class KernelScope:
                 self.n["filesystems_dropped"] += 1
                 self.n["verdicts_purged"] += int(sensor.clear_verdicts(dev))
             sensor.set_scope_dirs(self._tracker.kernel_dirs)
-            for m in self._tracker.mounts():
+            mounts = self._tracker.mounts()
+            self._by_dev = {m.dev: m for m in mounts}
+            for m in mounts:
                 if m.fstype.startswith("fuse") and new.class_of(m.dev) is not FsClass.OUT:
-                    self._fuse[m.dev] = f"{os.major(m.dev)}:{os.minor(m.dev)} {m.fstype} at " \
-                                        f"{m.point}"
+                    self._fuse[m.dev] = mount_name(m)
             enforce, deny_unknown = sensor.mode
             sensor.set_mode(enforce=enforce, deny_unknown=deny_unknown,
                             guards=guards_for(self._snapshot, new,

@@ -304,11 +304,11 @@ class LsmRunner(KernelRecords):
             event = dataclasses.replace(event, exe=held.event.exe)
             self.record(replace_decision(held, event=event))
             return
-        if rec.state is KernelState.ALLOW and rec.action is KernelAction.LAYER:
-            self._record_kernel_hit(event, snapshot, LAYER_HIT)
-            return
         if rec.state is KernelState.ALLOW:
-            self._record_kernel_hit(event, snapshot)
+            if rec.action is KernelAction.LAYER:
+                self._record_kernel_hit(event, snapshot, LAYER_HIT)
+            else:
+                self._record_kernel_hit(event, snapshot)
             return
         # a denied exec never ran: /proc/PID/exe is the old one
         fd = self._exec_file(event)

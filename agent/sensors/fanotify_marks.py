@@ -88,7 +88,8 @@ class GroupClosed(Exception):
 STAMPED, GUARDED = "stamped", "guarded"
 
 
-def _name(m: Mount) -> str:
+def mount_name(m: Mount) -> str:
+    """How a filesystem is named in records and status: dev, type, mount point."""
     return f"{os.major(m.dev)}:{os.minor(m.dev)} {m.fstype} at {m.point}"
 
 
@@ -206,7 +207,7 @@ class FsMarks:
 
     def _note_fuse(self, dev: int, m: Mount) -> None:
         if m.fstype.startswith("fuse"):
-            self._fuse[dev] = _name(m)
+            self._fuse[dev] = mount_name(m)
             user = user_of(m.super_options)
             if user is not None:
                 self._fuse_users[dev] = user
@@ -263,7 +264,7 @@ class FsMarks:
         adds the rest of the filesystem's mask."""
         fd = next((f for f in (fds.get(m) for m in ms) if f is not None), None)
         if fd is None:
-            raise OSError(errno.ENOENT, f"no mount of {_name(ms[0])} could be opened")
+            raise OSError(errno.ENOENT, f"no mount of {mount_name(ms[0])} could be opened")
         self._note_fuse(dev, ms[0])
         last: Optional[OSError] = None
         for mask in masks:
@@ -320,7 +321,7 @@ class FsMarks:
                fds: _Fds, kernel: Optional[fs.GroupMarks] = None) -> None:
         for dev, ms in wanted.items():
             self._fstypes[dev] = ms[0].fstype
-            self._names[dev] = _name(ms[0])
+            self._names[dev] = mount_name(ms[0])
             self._note_fuse(dev, ms[0])
         if kernel is None:
             kernel = self._kernel_marks() or fs.GroupMarks({}, {})
@@ -359,7 +360,7 @@ class FsMarks:
                            m.fstype)
             except OSError as exc:
                 if exc.errno not in REFUSED:  # ENOMEM and the like: the next round retries
-                    self._failed(f"filesystem mark on {_name(m)}", exc)
+                    self._failed(f"filesystem mark on {mount_name(m)}", exc)
                     return False
                 self._refused[dev] = _refusal(exc)  # the caller marks its mounts
                 return True
@@ -382,7 +383,7 @@ class FsMarks:
                 self._call(fs.FAN_MARK_ADD | fs.FAN_MARK_MOUNT, fd, mask, m.fstype)
                 self.n["mounts_marked"] += 1
             except OSError as exc:
-                self._failed(f"mount mark on {_name(m)}", exc)
+                self._failed(f"mount mark on {mount_name(m)}", exc)
             finally:
                 fds.release(m)
 
@@ -411,7 +412,7 @@ class FsMarks:
                                kernel.mounts[m.mount_id])
                     self.n["mounts_unmarked"] += 1
             except OSError as exc:
-                self._failed(f"removing the mark of {_name(m)}", exc)
+                self._failed(f"removing the mark of {mount_name(m)}", exc)
             finally:
                 fds.release(m)
 

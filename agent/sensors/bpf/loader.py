@@ -85,9 +85,7 @@ class Loaded:
         if self._ring is not None:
             self._ring.close()
             self._ring = None
-        for fd in [*self.attach, *self.progs.values(), *self.maps.values()]:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        _close([*self.attach, *self.progs.values(), *self.maps.values()])
         self.attach, self.progs, self.maps, self.links = [], {}, {}, {}
 
 
